@@ -1,0 +1,163 @@
+"""A decoder-only language model compatible with Llama, Mistral, Qwen2 and SmolLM checkpoints.
+
+The same module serves three call styles:
+- HF style: `model(input_ids)` on plain (B, T) ids (optionally with a (B, T) padding
+  `attention_mask`, 1 = real token) -> `LMOutput.logits` (B, T, V);
+- packed: `model(packed=PackedBatch)` -> logits (R, L, V) under the shared attention rule;
+- cached decoding: `model(input_ids, kv_cache=cache, attention_mask=...)` for generation.
+Multimodal families pass `inputs_embeds` instead of ids (image embeddings spliced in).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from polymodal.nn.kv_cache import KVCache
+from polymodal.nn.norms import RMSNorm
+from polymodal.nn.rope import RotaryEmbedding
+from polymodal.nn.transformer import TransformerStack, build_block
+from polymodal.sequence import IGNORE_INDEX, PackedBatch
+
+
+@dataclass
+class DecoderConfig:
+    """Sizes and options of a Llama-style decoder (names follow HF's LlamaConfig where they exist)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1376
+    num_layers: int = 8
+    num_heads: int = 8
+    num_kv_heads: int = 8
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v biases (Qwen2)
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    @property
+    def resolved_head_dim(self) -> int:
+        """head_dim, defaulting to hidden_size / num_heads."""
+        return self.head_dim or self.hidden_size // self.num_heads
+
+
+@dataclass
+class LMOutput:
+    """logits (B, T, V); loss (scalar, when labels were given); hidden_states (B, T, D) final-norm output."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+
+
+class DecoderLM(nn.Module):
+    """Token embedding -> causal transformer stack (RMSNorm, RoPE, GQA, SwiGLU) -> norm -> LM head."""
+
+    family = "lm"
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = TransformerStack([
+            build_block(c.hidden_size, c.num_heads, c.intermediate_size, num_kv_heads=c.num_kv_heads,
+                        head_dim=c.resolved_head_dim, norm="rms", norm_eps=c.rms_norm_eps, mlp="swiglu",
+                        qkv_bias=c.attention_bias, mlp_bias=c.mlp_bias)
+            for _ in range(c.num_layers)
+        ])
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(c.resolved_head_dim, c.rope_theta, c.rope_scaling)
+        self.apply(_init_weights)
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                packed: PackedBatch | None = None, kv_cache: KVCache | None = None,
+                labels: torch.Tensor | None = None, logits_to_keep: int = 0) -> LMOutput:
+        """Run the LM. input_ids (B, T) or inputs_embeds (B, T, D) -> LMOutput.
+
+        attention_mask: (B, S) 1/0 padding mask over all keys (cached prefix + new tokens) or None;
+        positions: (B, T) explicit positions (derived from the padding mask when omitted);
+        packed: a PackedBatch — ids, positions, mask and labels all come from it;
+        labels: (B, T) targets already aligned to each position (IGNORE_INDEX = no loss), as
+            `PackedBatch.labels` are; for HF-style unshifted labels use `shift_labels`;
+        logits_to_keep: if > 0, only the last that many positions get logits (decoding).
+        """
+        if packed is not None:
+            input_ids, positions = packed.token_ids, packed.positions
+            labels = packed.labels if labels is None else labels
+            mask = packed.attention_mask()
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        b, t, _ = x.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if packed is None:
+            mask, positions = self._mask_and_positions(b, t, past, attention_mask, positions, x.device)
+        rope = self.rope(positions)
+        h = self.norm(self.layers(x, rope=rope, mask=mask, kv_cache=kv_cache))
+        if kv_cache is not None:
+            kv_cache.advance(t)
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return LMOutput(logits=logits, loss=loss, hidden_states=h)
+
+    @staticmethod
+    def _mask_and_positions(b: int, t: int, past: int, attention_mask, positions, device):
+        """The causal(+padding) mask for T new queries after `past` cached keys, and positions."""
+        if attention_mask is None and past > 0 and t > 1:
+            attention_mask = torch.ones(b, past + t, dtype=torch.bool, device=device)
+        if attention_mask is None:
+            if positions is None:
+                positions = torch.arange(past, past + t, device=device).expand(b, t)
+            return ("causal" if past == 0 else None), positions
+        key_valid = attention_mask.to(device=device, dtype=torch.bool)  # (B, S)
+        if key_valid.shape != (b, past + t):
+            raise ValueError(f"attention_mask must be (B, past+T) = ({b}, {past + t}), got {tuple(key_valid.shape)}")
+        if positions is None:
+            positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        q_idx = torch.arange(past, past + t, device=device)[:, None]
+        k_idx = torch.arange(past + t, device=device)[None, :]
+        # A left-pad query has no valid key; letting it see itself keeps softmax finite.
+        allowed = (key_valid[:, None, :] & (k_idx <= q_idx)) | (k_idx == q_idx)  # (B, T, S)
+        return allowed.unsqueeze(1), positions
+
+    def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KV cache sized for this model, on its device and dtype."""
+        c, p = self.config, self.embed_tokens.weight
+        return KVCache(c.num_layers, batch_size, c.num_kv_heads, max_len, c.resolved_head_dim, p.dtype, p.device)
+
+    def generate(self, input_ids, **kwargs):
+        """Generate continuations; see `polymodal.infer.generate.generate` for the arguments."""
+        from polymodal.infer.generate import generate
+
+        return generate(self, input_ids, **kwargs)
+
+
+def shift_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """HF-style next-token targets: labels[:, t] = input_ids[:, t+1]; IGNORE_INDEX at the end and padding."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    if attention_mask is not None:
+        labels[:, :-1][attention_mask[:, 1:] == 0] = IGNORE_INDEX
+    return labels
+
+
+def _init_weights(module: nn.Module) -> None:
+    """GPT-style init (normal, std 0.02) for freshly built models; imported weights overwrite it."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)

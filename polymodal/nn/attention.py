@@ -1,0 +1,78 @@
+"""Grouped-query attention (self and cross) over SDPA or FlexAttention.
+
+A mask reaching `attend` is one of: None (every query sees every key), the string "causal",
+a boolean tensor broadcastable to (B, H, T_q, T_k) with True = may attend (CPU path, dense), or a
+FlexAttention `BlockMask` built by `polymodal.sequence` (CUDA path, sparse blocks skipped).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from polymodal.nn.kv_cache import KVCache
+from polymodal.nn.rope import apply_rotary
+
+
+def _is_block_mask(mask) -> bool:
+    return type(mask).__name__ == "BlockMask"
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, scale: float | None = None) -> torch.Tensor:
+    """Scaled dot-product attention with GQA broadcasting.
+
+    q (B, H, T, D); k, v (B, H_kv, S, D) with H a multiple of H_kv -> (B, H, T, D).
+    """
+    if _is_block_mask(mask):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    if k.shape[1] != q.shape[1]:
+        # SDPA's enable_gqa is not supported by every CPU kernel with a mask; expanding is a view.
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"mask string must be 'causal', got {mask!r}")
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads; self-attention or cross-attention.
+
+    dim: model width; num_heads query heads and num_kv_heads key/value heads of head_dim each;
+    kv_dim: width of the cross-attention context (None = self-attention on x).
+    forward(x (B, T, dim), context (B, S, kv_dim) | None, rope (cos, sin) | None, mask, kv_cache,
+    layer_idx) -> (B, T, dim).
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None,
+                 qkv_bias: bool = False, out_bias: bool = False, kv_dim: int | None = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        if num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
+        self.head_dim = head_dim or dim // num_heads
+        kv_in = kv_dim or dim
+        self.q_proj = nn.Linear(dim, num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(kv_in, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(kv_in, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=out_bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, rope=None, mask=None,
+                kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+        b, t, _ = x.shape
+        source = x if context is None else context
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(source).view(b, source.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(source).view(b, source.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_idx, k, v)  # (B, H_kv, S_cached + T, D)
+        out = attend(q, k, v, mask)  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))

@@ -1,0 +1,1 @@
+"""projectors package."""

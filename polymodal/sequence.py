@@ -1,0 +1,252 @@
+"""The shared multimodal sequence: documents of segments, padding-free packing, one attention rule.
+
+A `Document` is an ordered list of `Segment`s (text tokens, an image as pixels/codes/latents,
+audio, video). Each model family decides how a segment becomes embeddings; this module only
+decides *where* every segment goes and *who may attend to whom*:
+
+- `pack_documents` fills rows up to a token budget with whole documents (first-fit decreasing,
+  no padding inside a row; only a row's tail is padded), recording per position the document id,
+  the position within its document, the segment id and whether that segment is bidirectional.
+- The attention rule (DESIGN.md §2): query q may see key k iff
+  same document AND (k is not after q OR q and k lie in the same bidirectional segment).
+  All-causal documents give LLaVA/Chameleon; bidirectional image spans inside causal text give
+  Transfusion/Show-o; several documents per row give LWM-style masked sequence packing.
+- The rule compiles to a dense boolean mask for SDPA (CPU) or a FlexAttention block mask (CUDA),
+  where fully-masked blocks between documents are skipped entirely.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Segment:
+    """One span of a document.
+
+    modality: "text", "image", "audio" or "video".
+    tokens: (L,) int64 ids for text or discrete codes; None for continuous segments.
+    data: the raw payload of a continuous segment (pixels (C, H, W), latents, audio features);
+        the family's encoder/projector turns it into `length` embeddings.
+    length: positions the segment occupies; defaults to len(tokens).
+    bidirectional: positions inside this segment see each other regardless of order.
+    loss: whether tokens of this segment are next-token prediction targets.
+    """
+
+    modality: str = "text"
+    tokens: torch.Tensor | None = None
+    data: torch.Tensor | None = None
+    length: int | None = None
+    bidirectional: bool = False
+    loss: bool = True
+
+    def __post_init__(self):
+        if self.tokens is not None:
+            self.tokens = torch.as_tensor(self.tokens, dtype=torch.long).reshape(-1)
+            if self.length is None:
+                self.length = int(self.tokens.numel())
+            elif self.length != self.tokens.numel():
+                raise ValueError(f"segment length {self.length} != len(tokens) {self.tokens.numel()}")
+        if self.length is None:
+            raise ValueError(f"{self.modality} segment needs `tokens` or an explicit `length`")
+
+
+@dataclass
+class Document:
+    """An ordered list of segments; its positions restart at 0 when packed."""
+
+    segments: list[Segment] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return sum(s.length for s in self.segments)
+
+    @classmethod
+    def from_tokens(cls, tokens, loss: bool = True) -> "Document":
+        """A text-only document from a list/tensor of token ids."""
+        return cls([Segment("text", tokens=tokens, loss=loss)])
+
+
+@dataclass
+class Placement:
+    """Where a continuous (non-token) segment landed: row, first position, length, and the segment."""
+
+    row: int
+    start: int
+    length: int
+    document: int
+    segment: Segment
+
+
+@dataclass
+class PackedBatch:
+    """Rows of packed documents. Every per-position tensor is (R, L).
+
+    token_ids: ids of token segments (pad_id at continuous segments and padding);
+    document_ids: index of the source document (-1 for padding);
+    positions: position within the document (restarts at 0 per document);
+    segment_ids: a row-unique id per segment (-1 for padding);
+    bidirectional: whether the position's segment is bidirectional;
+    labels: next-token targets (IGNORE_INDEX where none);
+    placements: continuous segments to be filled with embeddings by the family;
+    document_rows: for each input document, (row, start) where it was placed.
+    """
+
+    token_ids: torch.Tensor
+    document_ids: torch.Tensor
+    positions: torch.Tensor
+    segment_ids: torch.Tensor
+    bidirectional: torch.Tensor
+    labels: torch.Tensor
+    placements: list[Placement]
+    document_rows: list[tuple[int, int]]
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) positions in the batch."""
+        return int((self.document_ids >= 0).sum())
+
+    def to(self, device) -> "PackedBatch":
+        """The batch with its tensors on `device` (placements' payloads move lazily with the family)."""
+        moved = {k: getattr(self, k).to(device) for k in
+                 ("token_ids", "document_ids", "positions", "segment_ids", "bidirectional", "labels")}
+        return PackedBatch(**moved, placements=self.placements, document_rows=self.document_rows)
+
+    def dense_mask(self) -> torch.Tensor:
+        """The attention rule as a boolean mask (R, 1, L, L), True = may attend."""
+        return attention_rule_dense(self.document_ids, self.segment_ids, self.bidirectional)
+
+    def block_mask(self):
+        """The attention rule as a FlexAttention BlockMask (for CUDA tensors)."""
+        return attention_rule_block_mask(self.document_ids, self.segment_ids, self.bidirectional)
+
+    def attention_mask(self):
+        """The fastest mask form for the batch's device: a BlockMask on CUDA, dense otherwise."""
+        return self.block_mask() if self.document_ids.is_cuda else self.dense_mask()
+
+
+def attention_rule_dense(document_ids: torch.Tensor, segment_ids: torch.Tensor,
+                         bidirectional: torch.Tensor) -> torch.Tensor:
+    """Dense form of the attention rule. Inputs (R, L) -> bool (R, 1, L, L).
+
+    Padding positions (document id -1) see each other, so no query row is empty (an empty row
+    makes softmax return NaN); nothing real ever sees them.
+    """
+    length = document_ids.shape[1]
+    idx = torch.arange(length, device=document_ids.device)
+    causal = idx[None, :, None] >= idx[None, None, :]  # (1, L, L): key not after query
+    same_doc = document_ids[:, :, None] == document_ids[:, None, :]
+    same_bidir = (segment_ids[:, :, None] == segment_ids[:, None, :]) & bidirectional[:, :, None]
+    return (same_doc & (causal | same_bidir)).unsqueeze(1)
+
+
+def attention_rule_block_mask(document_ids: torch.Tensor, segment_ids: torch.Tensor, bidirectional: torch.Tensor):
+    """FlexAttention form of the attention rule for (R, L) CUDA tensors."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, k):
+        same_doc = document_ids[b, q] == document_ids[b, k]
+        same_bidir = (segment_ids[b, q] == segment_ids[b, k]) & bidirectional[b, q]
+        return same_doc & ((k <= q) | same_bidir)
+
+    rows, length = document_ids.shape
+    return create_block_mask(mask_mod, rows, None, length, length, device=document_ids.device)
+
+
+def pack_documents(documents: list[Document], max_tokens: int, pad_id: int = 0,
+                   truncate: bool = False) -> PackedBatch:
+    """Pack whole documents into rows of at most `max_tokens` positions, first-fit decreasing.
+
+    Rows are padded only at their tail to the longest row. A document longer than `max_tokens`
+    is an error naming it, unless `truncate` (then it is cut, dropping continuous segments that
+    no longer fit whole). Returns a `PackedBatch`.
+    """
+    documents = [_truncated(d, max_tokens, i) if truncate else d for i, d in enumerate(documents)]
+    for i, doc in enumerate(documents):
+        if len(doc) > max_tokens:
+            raise ValueError(f"document {i} has {len(doc)} positions > max_tokens {max_tokens}; pass truncate=True")
+        if len(doc) == 0:
+            raise ValueError(f"document {i} is empty")
+    order = sorted(range(len(documents)), key=lambda i: -len(documents[i]))
+    row_fill: list[int] = []
+    row_docs: list[list[int]] = []
+    for i in order:
+        n = len(documents[i])
+        row = next((r for r, used in enumerate(row_fill) if used + n <= max_tokens), None)
+        if row is None:
+            row_fill.append(0)
+            row_docs.append([])
+            row = len(row_fill) - 1
+        row_docs[row].append(i)
+        row_fill[row] += n
+    for docs in row_docs:
+        docs.sort()  # keep input order inside a row: deterministic and easy to read
+    return _lay_out(documents, row_docs, max(row_fill), pad_id)
+
+
+def _lay_out(documents: list[Document], row_docs: list[list[int]], length: int, pad_id: int) -> PackedBatch:
+    rows = len(row_docs)
+    token_ids = torch.full((rows, length), pad_id, dtype=torch.long)
+    document_ids = torch.full((rows, length), -1, dtype=torch.long)
+    positions = torch.zeros((rows, length), dtype=torch.long)
+    segment_ids = torch.full((rows, length), -1, dtype=torch.long)
+    bidirectional = torch.zeros((rows, length), dtype=torch.bool)
+    targets_on = torch.zeros((rows, length), dtype=torch.bool)  # position's token is a loss target
+    is_token = torch.zeros((rows, length), dtype=torch.bool)
+    placements: list[Placement] = []
+    document_rows: list[tuple[int, int]] = [(0, 0)] * len(documents)
+    for r, docs in enumerate(row_docs):
+        start, segment_counter = 0, 0
+        for d in docs:
+            document_rows[d] = (r, start)
+            doc_len = len(documents[d])
+            document_ids[r, start:start + doc_len] = d
+            positions[r, start:start + doc_len] = torch.arange(doc_len)
+            cursor = start
+            for seg in documents[d].segments:
+                span = slice(cursor, cursor + seg.length)
+                segment_ids[r, span] = segment_counter
+                bidirectional[r, span] = seg.bidirectional
+                if seg.tokens is not None:
+                    token_ids[r, span] = seg.tokens
+                    is_token[r, span] = True
+                    targets_on[r, span] = seg.loss
+                else:
+                    placements.append(Placement(r, cursor, seg.length, d, seg))
+                cursor += seg.length
+                segment_counter += 1
+            start += doc_len
+    labels = _next_token_labels(token_ids, document_ids, is_token & targets_on)
+    return PackedBatch(token_ids, document_ids, positions, segment_ids, bidirectional, labels, placements,
+                       document_rows)
+
+
+def _next_token_labels(token_ids: torch.Tensor, document_ids: torch.Tensor, target_ok: torch.Tensor) -> torch.Tensor:
+    """labels[t] = token_ids[t+1] when t+1 is in the same document and is a loss-bearing token."""
+    labels = torch.full_like(token_ids, IGNORE_INDEX)
+    same_doc = (document_ids[:, 1:] == document_ids[:, :-1]) & (document_ids[:, 1:] >= 0)
+    valid = same_doc & target_ok[:, 1:]
+    labels[:, :-1] = torch.where(valid, token_ids[:, 1:], labels[:, :-1])
+    return labels
+
+
+def _truncated(doc: Document, max_tokens: int, index: int) -> Document:
+    if len(doc) <= max_tokens:
+        return doc
+    kept, room = [], max_tokens
+    for seg in doc.segments:
+        if room == 0:
+            break
+        if seg.length <= room:
+            kept.append(seg)
+            room -= seg.length
+        elif seg.tokens is not None:
+            kept.append(Segment(seg.modality, tokens=seg.tokens[:room], bidirectional=seg.bidirectional, loss=seg.loss))
+            room = 0
+        else:
+            break
+    if not kept:
+        raise ValueError(f"document {index}: its first segment ({doc.segments[0].length} positions) cannot be truncated to {max_tokens}")
+    return Document(kept)

@@ -1,0 +1,98 @@
+"""AdamW with the usual weight-decay split, and warm-up + cosine/linear/constant LR schedules.
+
+Weight decay applies only to parameters with ndim >= 2 (matrices, conv kernels, embedding
+tables); biases, norm gains and other 1-D parameters are not decayed, since shrinking them
+toward zero only fights the normalisation they implement.
+
+The schedule, for optimizer step s = 0, 1, ..., total_steps - 1:
+    warm-up   s < warmup_steps:  lr * (s + 1) / warmup_steps
+    then      p = (s - warmup_steps) / max(1, total_steps - warmup_steps) in [0, 1)
+              cosine:   min_lr + (lr - min_lr) * 0.5 * (1 + cos(pi * p))
+              linear:   min_lr + (lr - min_lr) * (1 - p)
+              constant: lr
+with min_lr = lr * min_lr_ratio.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.optim.lr_scheduler import LambdaLR
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters split into a decayed group (ndim >= 2) and a non-decayed group.
+
+    Parameters with `requires_grad=False` (frozen encoders, ...) are left out entirely; a
+    parameter shared under two names (tied weights) appears once.
+    """
+    decay, no_decay = [], []
+    for param in model.parameters():  # parameters() already skips duplicates of tied weights
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of `model`, decaying only ndim >= 2 parameters."""
+    groups = param_groups(model, weight_decay)
+    if not groups:
+        raise ValueError(f"build_optimizer: {type(model).__name__} has no parameter with requires_grad=True")
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+
+
+def lr_at(
+    step: int,
+    *,
+    base_lr: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    schedule: str = "cosine",
+    min_lr_ratio: float = 0.0,
+) -> float:
+    """The learning rate for 0-based optimizer step `step` (see the module docstring)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown LR schedule {schedule!r}; expected one of {SCHEDULES}")
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    min_lr = base_lr * min_lr_ratio
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "cosine":
+        return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr + (base_lr - min_lr) * (1.0 - progress)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    *,
+    total_steps: int,
+    warmup_steps: int = 0,
+    schedule: str = "cosine",
+    min_lr_ratio: float = 0.0,
+) -> LambdaLR:
+    """A `LambdaLR` following `lr_at`: call `.step()` after every optimizer step.
+
+    The multiplier is `lr_at(step, base_lr=1)`, so each param group keeps its own base lr.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown LR schedule {schedule!r}; expected one of {SCHEDULES}")
+
+    def multiplier(step: int) -> float:
+        return lr_at(step, base_lr=1.0, total_steps=total_steps, warmup_steps=warmup_steps,
+                     schedule=schedule, min_lr_ratio=min_lr_ratio)
+
+    return LambdaLR(optimizer, multiplier)

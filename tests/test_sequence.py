@@ -1,0 +1,99 @@
+"""Packing and the shared attention rule: packed forward equals per-document forward."""
+import torch
+
+from polymodal.backbones.decoder import DecoderLM
+from polymodal.models.lm import lm_tiny
+from polymodal.sequence import IGNORE_INDEX, Document, Segment, attention_rule_dense, pack_documents
+
+
+def _docs(lengths, vocab=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [Document.from_tokens(torch.randint(0, vocab, (n,), generator=g)) for n in lengths]
+
+
+def test_packing_fills_rows_without_inner_padding():
+    docs = _docs([5, 9, 3, 7, 16, 1])
+    packed = pack_documents(docs, max_tokens=16)
+    assert packed.token_ids.shape[1] == 16
+    assert packed.num_tokens == sum(len(d) for d in docs)
+    for row in packed.document_ids:
+        real = (row >= 0).nonzero().flatten()
+        assert real.numel() == 0 or int(real.max()) == real.numel() - 1  # padding only at the tail
+    for i, doc in enumerate(docs):
+        r, s = packed.document_rows[i]
+        assert torch.equal(packed.token_ids[r, s:s + len(doc)], doc.segments[0].tokens)
+        assert torch.equal(packed.positions[r, s:s + len(doc)], torch.arange(len(doc)))
+
+
+def test_too_long_document_is_an_error_unless_truncated():
+    docs = _docs([20])
+    try:
+        pack_documents(docs, max_tokens=16)
+    except ValueError as err:
+        assert "document 0" in str(err)
+    else:
+        raise AssertionError("expected an error")
+    assert pack_documents(docs, max_tokens=16, truncate=True).num_tokens == 16
+
+
+def test_attention_rule_matches_its_definition():
+    doc_ids = torch.tensor([[0, 0, 0, 0, 1, 1, 1, -1]])
+    seg_ids = torch.tensor([[0, 1, 1, 2, 0, 0, 1, -1]])
+    bidir = torch.tensor([[False, True, True, False, True, True, False, False]])
+    mask = attention_rule_dense(doc_ids, seg_ids, bidir)[0, 0]
+    for q in range(8):
+        for k in range(8):
+            same_doc = doc_ids[0, q] == doc_ids[0, k]
+            same_bi = seg_ids[0, q] == seg_ids[0, k] and bidir[0, q]
+            assert bool(mask[q, k]) == bool(same_doc and (k <= q or same_bi)), (q, k)
+
+
+def test_packed_forward_equals_per_document_forward_causal():
+    torch.manual_seed(0)
+    model = DecoderLM(lm_tiny()).eval()
+    docs = _docs([5, 9, 3, 7, 12, 4], seed=1)
+    packed = pack_documents(docs, max_tokens=20)
+    logits = model(packed=packed).logits
+    for i, doc in enumerate(docs):
+        r, s = packed.document_rows[i]
+        ref = model(doc.segments[0].tokens[None]).logits[0]
+        torch.testing.assert_close(logits[r, s:s + len(doc)], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_forward_equals_per_document_forward_bidirectional_segments():
+    torch.manual_seed(0)
+    model = DecoderLM(lm_tiny()).eval()
+    g = torch.Generator().manual_seed(2)
+
+    def mixed(n_text, n_img):
+        return Document([
+            Segment("text", tokens=torch.randint(0, 256, (n_text,), generator=g)),
+            Segment("image", tokens=torch.randint(0, 256, (n_img,), generator=g), bidirectional=True),
+            Segment("text", tokens=torch.randint(0, 256, (3,), generator=g)),
+        ])
+
+    docs = [mixed(4, 6), mixed(2, 9), mixed(5, 4)]
+    packed = pack_documents(docs, max_tokens=40)
+    assert packed.token_ids.shape[0] == 1  # all three share one row
+    logits = model(packed=packed).logits
+    for i, doc in enumerate(docs):
+        alone = pack_documents([doc], max_tokens=40)
+        ref = model(packed=alone).logits[0]
+        r, s = packed.document_rows[i]
+        torch.testing.assert_close(logits[r, s:s + len(doc)], ref[: len(doc)], atol=1e-5, rtol=1e-5)
+    # The bidirectional span really is bidirectional: an image token sees a later image token.
+    mask = packed.dense_mask()[0, 0]
+    assert bool(mask[4, 9]) and not bool(mask[0, 1])
+
+
+def test_labels_are_next_tokens_within_documents_and_respect_loss_flags():
+    user = Segment("text", tokens=[1, 2, 3], loss=False)
+    image = Segment("image", data=torch.zeros(3, 4, 4), length=2, bidirectional=True, loss=False)
+    answer = Segment("text", tokens=[7, 8])
+    packed = pack_documents([Document([user, image, answer]), Document.from_tokens([4, 5])], max_tokens=16)
+    (r0, s0), (r1, s1) = packed.document_rows
+    labels = packed.labels[r0, s0:s0 + 7].tolist()
+    # Only tokens of loss-bearing segments are targets; nothing crosses into the next document.
+    assert labels == [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 7, 8, IGNORE_INDEX]
+    assert packed.labels[r1, s1:s1 + 2].tolist() == [5, IGNORE_INDEX]
+    assert len(packed.placements) == 1 and packed.placements[0].length == 2

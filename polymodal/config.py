@@ -30,8 +30,8 @@ class ConfigError(ValueError):
 def load_config(config_cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
     """Build `config_cls` from an optional YAML file, then apply `key=value` overrides in order.
 
-    Nested fields are addressed with dots (`model.dim=64`). Fields the YAML file leaves out keep
-    their dataclass defaults; a required field missing everywhere is an error naming it.
+    Nested fields are addressed with dots (`model.dim=64`). Fields set nowhere keep their
+    dataclass defaults; a required field missing from both file and overrides is an error.
     """
     data: dict = {}
     source = COMMAND_LINE
@@ -47,10 +47,9 @@ def load_config(config_cls: type[C], path: str | Path | None = None, overrides: 
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {source} must hold a YAML mapping, got {type(loaded).__name__}")
         data = loaded
-    config = config_from_mapping(config_cls, data, source=source)
     for override in overrides:
-        config = apply_override(config, override)
-    return config
+        _set_override(data, config_cls, override)
+    return config_from_mapping(config_cls, data, source=source)
 
 
 def config_from_mapping(config_cls: type[C], data: dict, *, source: str = "mapping", prefix: str = "") -> C:
@@ -81,52 +80,60 @@ def config_from_mapping(config_cls: type[C], data: dict, *, source: str = "mappi
         raise ConfigError(f"{_where(prefix.rstrip('.'), source)}: {err}") from err
 
 
-def apply_override(config: C, override: str) -> C:
-    """Return a copy of `config` with one `a.b=value` override applied (value parsed as YAML).
-
-    When the parsed value does not fit but the field takes a string, the raw text is used, so
-    `name=007` gives "007" rather than failing on the integer 7.
-    """
-    key, sep, raw = override.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override {override!r} on the {COMMAND_LINE} is not of the form key=value")
-    return _override(config, key.split("."), raw, key)
-
-
 def config_to_yaml(config: Any) -> str:
     """The config as YAML text that `load_config` reads back to an equal config."""
     return yaml.safe_dump(_plain(dataclasses.asdict(config)), sort_keys=False)
 
 
-def _override(config: Any, keys: list[str], raw: str, full_key: str) -> Any:
-    """Set `keys` (a dotted path split) inside `config`, rebuilding each level with `replace`."""
-    if not dataclasses.is_dataclass(config):
-        raise ConfigError(f"unknown config key {full_key!r} on the {COMMAND_LINE}: "
-                          f"{type(config).__name__} value has no fields")
-    hints = typing.get_type_hints(type(config))
-    names = {f.name for f in dataclasses.fields(config) if f.init}
-    name = keys[0]
-    if name not in names:
-        raise ConfigError(f"unknown config key {full_key!r} on the {COMMAND_LINE} "
-                          f"({type(config).__name__} has: {', '.join(sorted(names))})")
-    if len(keys) > 1:
-        value = _override(getattr(config, name), keys[1:], raw, full_key)
-    else:
-        try:
-            parsed = yaml.safe_load(raw) if raw.strip() else raw
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {full_key}={raw!r} on the {COMMAND_LINE}: not valid YAML ({err})") from err
-        try:
-            value = _coerce(parsed, hints[name], full_key, COMMAND_LINE)
-        except ConfigError:
-            if not _accepts_str(hints[name]):
-                raise
-            value = _coerce(raw, hints[name], full_key, COMMAND_LINE)
+def _set_override(data: dict, config_cls: type, override: str) -> None:
+    """Write one `a.b=value` override into the nested mapping `data`, checked and coerced.
+
+    The value is parsed as YAML and coerced to the field's type right away, so errors name the
+    command line. When the parsed value does not fit but the field takes a string, the raw text
+    is used: `name=007` gives "007" rather than failing on the integer 7.
+    """
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} on the {COMMAND_LINE} is not of the form key=value")
+    names = key.split(".")
+    node, cls = data, config_cls
+    for depth, name in enumerate(names):
+        fields = {f.name for f in dataclasses.fields(cls) if f.init} if cls is not None else set()
+        if name not in fields:
+            known = f" ({cls.__name__} has: {', '.join(sorted(fields))})" if cls is not None else ""
+            raise ConfigError(f"unknown config key {key!r} on the {COMMAND_LINE}{known}")
+        hint = typing.get_type_hints(cls)[name]
+        if depth == len(names) - 1:
+            node[name] = _parse_override(raw, hint, key)
+            return
+        child = node.get(name)
+        if dataclasses.is_dataclass(child) and not isinstance(child, type):
+            child = dataclasses.asdict(child)
+        node[name] = child if isinstance(child, dict) else {}
+        node, cls = node[name], _dataclass_in(hint)
+
+
+def _parse_override(raw: str, hint: Any, key: str) -> Any:
+    """The YAML value of an override's text, coerced to `hint` (raw text for string fields)."""
     try:
-        return dataclasses.replace(config, **{name: value})
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"override {full_key} on the {COMMAND_LINE}: {err}") from err
+        parsed = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {key}={raw!r} on the {COMMAND_LINE}: not valid YAML ({err})") from err
+    try:
+        return _coerce(parsed, hint, key, COMMAND_LINE)
+    except ConfigError:
+        if not _accepts_str(hint):
+            raise
+        return _coerce(raw, hint, key, COMMAND_LINE)
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass a field holds (also inside Optional[...]), or None for a plain value."""
+    for candidate in (hint, *typing.get_args(hint)):
+        if isinstance(candidate, type) and dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
@@ -150,6 +157,8 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             return value
         raise ConfigError(f"{_where(key, source)}: {value!r} is not one of {list(args)}")
     if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
         return config_from_mapping(hint, value, source=source, prefix=key + ".")
     if origin in (list, tuple, set, frozenset) or hint in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -157,7 +166,8 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{_where(key, source)}: expected {len(args)} items, got {len(value)}")
-            return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(args, value)))
+            pairs = enumerate(zip(value, args, strict=True))
+            return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in pairs)
         item = args[0] if args else Any
         items = [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
         return (origin or hint)(items)

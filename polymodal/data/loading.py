@@ -109,11 +109,9 @@ def iter_jsonl(path: str | Path, counter: SkipCounter) -> Iterator[tuple[str, ob
     Raises:
         DataError: if the file does not exist.
     """
-    try:
-        handle = open(path, "rb")
-    except FileNotFoundError as err:
-        raise DataError(f"{path}: file not found") from err
-    with handle:
+    if not Path(path).is_file():
+        raise DataError(f"{path}: file not found")
+    with open(path, "rb") as handle:
         for lineno, line in enumerate(handle, start=1):
             if not line.strip():
                 continue

@@ -12,6 +12,7 @@ same string here:
   keyword variables;
 - message keys whose value is None are dropped, since many templates test for a key's presence.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,9 +61,13 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False
+) -> str:
     # Jinja's own `tojson` HTML-escapes `<`, `>` and `&`, which would change tool schemas in prompts.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _strftime_now(fmt: str) -> str:

@@ -10,6 +10,7 @@ pre-tokenizer split the merges were learned with), `tokenizer.ggml.tokens`, `.to
 Only byte-level BPE ("gpt2": GPT-2, SmolLM, Qwen2, Llama-3, ...) is supported; sentencepiece
 ("llama"), unigram ("t5") and other models raise a ValueError naming the field.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ class GGUFTokenizerParts:
 
 
 def _byte_level_pre_tokenizer(pre: str | None, source: str) -> tuple[pre_tokenizers.PreTokenizer, bool]:
-    """The pre-tokenizer for `tokenizer.ggml.pre`, and whether BPE should skip merges for whole-vocab words."""
+    """The pre-tokenizer for `tokenizer.ggml.pre`, and whether BPE skips merges for in-vocab pieces."""
     if pre is None or pre in _GPT2_PRE:
         return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True), False
     if pre in _DIGITS_THEN_GPT2_PRE:
@@ -65,7 +66,10 @@ def _byte_level_pre_tokenizer(pre: str | None, source: str) -> tuple[pre_tokeniz
         supported = sorted(_GPT2_PRE + _DIGITS_THEN_GPT2_PRE + _LLAMA3_PRE + _QWEN2_PRE)
         raise ValueError(f"{source}: tokenizer.ggml.pre {pre!r} is not supported; supported: {supported}")
     sequence = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
     # Llama-3's tokenizer.json sets `ignore_merges`: a piece already in the vocabulary is one token.
     return sequence, pre in _LLAMA3_PRE
@@ -85,7 +89,11 @@ def _respell_byte_level(token: str, alphabet: set[str], byte_to_char: dict[int, 
 
 def _byte_to_char() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table (the alphabet byte-level BPE spells in)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):
@@ -117,21 +125,27 @@ def tokenizer_parts_from_gguf(path_or_reader: str | Path | GGUFReader) -> GGUFTo
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
     types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
     if len(types) != len(tokens):
-        raise ValueError(f"{source}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+        raise ValueError(
+            f"{source}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
+        )
 
     byte_to_char = _byte_to_char()
     alphabet = set(byte_to_char.values())
     # Control and user-defined tokens keep their raw text: they are matched whole in the input.
     spelled = [
-        t if kind in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED) else _respell_byte_level(t, alphabet, byte_to_char)
-        for t, kind in zip(tokens, types)
+        t
+        if kind in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED)
+        else _respell_byte_level(t, alphabet, byte_to_char)
+        for t, kind in zip(tokens, types, strict=True)
     ]
     vocab = {token: index for index, token in enumerate(spelled)}
     merges = []
     for line in meta["tokenizer.ggml.merges"]:
         pair = line.split(" ")
         if len(pair) != 2:
-            raise ValueError(f"{source}: tokenizer.ggml.merges entry {line!r} is not two tokens separated by a space")
+            raise ValueError(
+                f"{source}: tokenizer.ggml.merges entry {line!r} is not two tokens separated by a space"
+            )
         merges.append((pair[0], pair[1]))
 
     pre_tokenizer, ignore_merges = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre"), source)
@@ -139,10 +153,18 @@ def tokenizer_parts_from_gguf(path_or_reader: str | Path | GGUFReader) -> GGUFTo
     tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, k in zip(spelled, types) if k == _TOKEN_TYPE_CONTROL]
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, k in zip(spelled, types, strict=True)
+            if k == _TOKEN_TYPE_CONTROL
+        ]
     )
     tokenizer.add_tokens(
-        [AddedToken(t, special=False, normalized=False) for t, k in zip(spelled, types) if k == _TOKEN_TYPE_USER_DEFINED]
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, k in zip(spelled, types, strict=True)
+            if k == _TOKEN_TYPE_USER_DEFINED
+        ]
     )
 
     def token_of(key: str) -> str | None:
@@ -150,34 +172,39 @@ def tokenizer_parts_from_gguf(path_or_reader: str | Path | GGUFReader) -> GGUFTo
         if index is None:
             return None
         if not 0 <= int(index) < len(spelled):
-            raise ValueError(f"{source}: tokenizer.ggml.{key} = {index} is outside the vocabulary of {len(spelled)}")
+            raise ValueError(
+                f"{source}: tokenizer.ggml.{key} = {index} is outside the vocabulary of {len(spelled)}"
+            )
         return spelled[int(index)]
 
-    bos, eos = token_of("bos_token_id"), token_of("eos_token_id")
-    tokenizer.post_processor = _post_processor(
-        bos if meta.get("tokenizer.ggml.add_bos_token") else None,
-        eos if meta.get("tokenizer.ggml.add_eos_token") else None,
-        vocab,
-    )
+    wrap = [
+        (token_of(f"{role}_token_id"), int(meta[f"tokenizer.ggml.{role}_token_id"]))
+        if meta.get(f"tokenizer.ggml.add_{role}_token")
+        and meta.get(f"tokenizer.ggml.{role}_token_id") is not None
+        else None
+        for role in ("bos", "eos")
+    ]
+    tokenizer.post_processor = _post_processor(*wrap)
     return GGUFTokenizerParts(
         tokenizer=tokenizer,
-        bos_token=bos,
-        eos_token=eos,
+        bos_token=token_of("bos_token_id"),
+        eos_token=token_of("eos_token_id"),
         pad_token=token_of("padding_token_id"),
         unk_token=token_of("unknown_token_id"),
         chat_template=meta.get("tokenizer.chat_template"),
     )
 
 
-def _post_processor(bos: str | None, eos: str | None, vocab: dict[str, int]) -> processors.PostProcessor:
-    """Byte-level offsets, plus BOS/EOS around the text when the file asks for them."""
+def _post_processor(bos: tuple[str, int] | None, eos: tuple[str, int] | None) -> processors.PostProcessor:
+    """Byte-level offsets, plus the `(token, id)` BOS/EOS around the text when the file asks for them."""
     byte_level = processors.ByteLevel(trim_offsets=False)
     if bos is None and eos is None:
         return byte_level
-    head = f"{bos}:0 " if bos else ""
-    tail = f" {eos}:0" if eos else ""
-    specials = [(t, vocab[t]) for t in (bos, eos) if t]
+    head = f"{bos[0]}:0 " if bos else ""
+    tail = f" {eos[0]}:0" if eos else ""
     template = processors.TemplateProcessing(
-        single=f"{head}$A:0{tail}", pair=f"{head}$A:0{tail} {head}$B:1{tail}", special_tokens=specials
+        single=f"{head}$A:0{tail}",
+        pair=f"{head}$A:0{tail} {head}$B:1{tail}",
+        special_tokens=[pair for pair in (bos, eos) if pair is not None],
     )
     return processors.Sequence([byte_level, template])

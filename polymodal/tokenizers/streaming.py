@@ -6,6 +6,7 @@ leading-space rule, WordPiece's `##`) give a token's text only in context. So th
 a small window: it decodes `ids[prefix:]` and `ids[prefix:read]` and emits the difference, and
 holds text back while it ends in U+FFFD (an unfinished character).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

@@ -6,6 +6,7 @@ and saves folders that `transformers.AutoTokenizer` loads with identical ids. Mu
 register their placeholders (`MODALITY_TOKENS`) with `add_special_tokens`, which appends new ids
 after the vocabulary so a pretrained embedding table keeps every row.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,7 +76,7 @@ class TextTokenizer:
     ):
         self._tok = tokenizer
         self._roles: dict[str, str | None] = {}
-        for role, token in zip(_ROLES, (bos_token, eos_token, pad_token, unk_token)):
+        for role, token in zip(_ROLES, (bos_token, eos_token, pad_token, unk_token), strict=True):
             self._set_role(role, token)
         self.chat_template = chat_template
 
@@ -145,7 +146,9 @@ class TextTokenizer:
         special_tokens = list(special_tokens)
         smallest = 256 + len(special_tokens)
         if vocab_size < smallest:
-            raise ValueError(f"vocab_size={vocab_size} is below 256 bytes + {len(special_tokens)} special tokens")
+            raise ValueError(
+                f"vocab_size={vocab_size} is below 256 bytes + {len(special_tokens)} special tokens"
+            )
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tokenizer.decoder = decoders.ByteLevel()
@@ -160,7 +163,13 @@ class TextTokenizer:
         tokenizer.train_from_iterator(texts, trainer)
         if eos_token is None:
             eos_token = next((t for t in ("<|im_end|>", "<|endoftext|>") if t in special_tokens), None)
-        return cls(tokenizer, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token, chat_template=chat_template)
+        return cls(
+            tokenizer,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            pad_token=pad_token,
+            chat_template=chat_template,
+        )
 
     # ---------------------------------------------------------------- saving
 
@@ -193,7 +202,9 @@ class TextTokenizer:
         config.update({role: token for role, token in self._roles.items() if token is not None})
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (folder / CONFIG_FILE).write_text(
+            json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
 
     # ---------------------------------------------------------------- encoding
 

@@ -88,7 +88,7 @@ class ShuffledBatches:
             raise ValueError(f"ShuffledBatches: batch_size must be >= 1, got {batch_size}")
         if dataset_len < (batch_size if drop_last else 1):
             raise ValueError(
-                f"ShuffledBatches: dataset_len={dataset_len} is too small for one batch of {batch_size}"
+                f"ShuffledBatches: dataset_len={dataset_len} is too small for one batch of batch_size={batch_size}"
             )
         self.dataset_len = dataset_len
         self.batch_size = batch_size

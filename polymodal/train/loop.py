@@ -143,6 +143,9 @@ def train(
     tokens_in_batch(batch) -> int: makes the progress bar and metrics report tokens/s.
     on_step(StepLog): called after every step (after that step's checkpoint is written).
     tokenizer: saved into every checkpoint so the folders load with `load_checkpoint`.
+    A fresh run seeds the python, numpy and torch RNGs with `config.seed`; a resumed run restores
+    them, with the weights, optimizer, scheduler, data position and loss history, from the latest
+    checkpoint in `config.out_dir`.
     Raises `NonFiniteLossError` on a NaN/inf loss or gradient norm, keeping the last checkpoint.
     """
     started = time.perf_counter()
@@ -174,8 +177,7 @@ def train(
         if resumable:
             data.load_state_dict(state.data)
         else:
-            for _ in range(state.step * config.grad_accum):
-                next(batches)
+            _skip(batches, state.step * config.grad_accum)
         step, losses = state.step, list(state.losses)
     else:
         random.seed(config.seed)
@@ -192,9 +194,9 @@ def train(
             scheduler.step()
             step += 1
             losses.append(log.loss)
-            bar.update(1)
             bar.set_postfix(loss=f"{log.loss:.4f}", lr=f"{log.lr:.2e}",
                             speed=f"{log.throughput:.1f} {log.unit}", refresh=False)
+            bar.update(1)
             if metrics is not None and (step % config.log_every == 0 or step == config.steps):
                 metrics.write(json.dumps(dataclasses.asdict(log)) + "\n")
                 metrics.flush()
@@ -268,6 +270,17 @@ def _train_step(model, batches, loss_fn, optimizer, params, config, step, autoca
         amount = 1
     return StepLog(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm.item(),
                    throughput=amount / seconds, unit=unit, elapsed=time.perf_counter() - started)
+
+
+def _skip(batches: Iterator, count: int) -> None:
+    """Fast-forward a plain iterable past the `count` batches a resumed run already consumed."""
+    for drawn in range(count):
+        try:
+            next(batches)
+        except StopIteration:
+            raise RuntimeError(
+                f"cannot resume: data ran out after {drawn} of the {count} batches already consumed"
+            ) from None
 
 
 def _resolve_device(device: str) -> torch.device:

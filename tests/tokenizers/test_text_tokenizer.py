@@ -1,4 +1,5 @@
 """TextTokenizer against the transformers oracle, on tiny tokenizers trained in the test."""
+
 from __future__ import annotations
 
 import json
@@ -71,7 +72,9 @@ def _metaspace_tokenizer() -> Tokenizer:
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", *SPECIALS, *byte_tokens], show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<unk>", *SPECIALS, *byte_tokens], show_progress=False
+    )
     tok.train_from_iterator(CORPUS, trainer)
     return tok
 

@@ -121,7 +121,9 @@ class FashionMNIST(torch.utils.data.Dataset):
         self.images = read_idx(image_file)
         self.labels = read_idx(label_file)
         if self.images.ndim != 3 or self.images.shape[1:] != (28, 28) or self.images.dtype != np.uint8:
-            raise DataError(f"{image_file}: expected uint8 images of shape (N, 28, 28), got {self.images.dtype} {self.images.shape}")
+            raise DataError(
+                f"{image_file}: expected uint8 images of shape (N, 28, 28), got {self.images.dtype} {self.images.shape}"
+            )
         if self.labels.shape != (len(self.images),):
             raise DataError(f"{label_file}: {self.labels.shape} labels for {len(self.images)} images in {image_file}")
         if len(self.labels) and int(self.labels.max()) >= len(self.classes):

@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from polymodal.data.image import resolve_under
-from polymodal.data.loading import DataError, SkipCounter, iter_jsonl, read_json, skip_bad
+from polymodal.data.loading import (
+    DataError,
+    SkipCounter,
+    iter_jsonl,
+    read_json,
+    skip_bad,
+)
 
 IMAGE_TOKEN = "<image>"
 # LLaVA files name the speakers "human"/"gpt"; some derived sets already use chat roles.
@@ -67,7 +73,9 @@ def parse_llava_record(raw: object, image_root: str | Path, check_files: bool = 
             raise DataError(f"conversations[{i}].from is {turn.get('from')!r}, expected 'human' or 'gpt'")
         expected = "user" if i % 2 == 0 else "assistant"
         if role != expected:
-            raise DataError(f"conversations[{i}] is from {role}, expected {expected} (turns must alternate, user first)")
+            raise DataError(
+                f"conversations[{i}] is from {role}, expected {expected} (turns must alternate, user first)"
+            )
         messages.append({"role": role, "content": turn["value"]})
     if messages[-1]["role"] != "assistant":
         raise DataError("the last turn is from the user; a sample must end with an assistant answer")
@@ -96,7 +104,9 @@ class LlavaReader:
         skipped: `SkipCounter` of the last iteration (`skipped.count`, `skipped.reasons`).
     """
 
-    def __init__(self, path: str | Path, image_root: str | Path | None = None, strict: bool = False, check_files: bool = True):
+    def __init__(
+        self, path: str | Path, image_root: str | Path | None = None, strict: bool = False, check_files: bool = True
+    ):
         self.path = Path(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.strict = strict
@@ -116,4 +126,3 @@ def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
         raise DataError(f"{path}: top level is a {type(data).__name__}, expected a list of records")
     for i, raw in enumerate(data):
         yield f"record {i}", raw
-

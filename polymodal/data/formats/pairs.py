@@ -65,11 +65,9 @@ class PairsReader:
 
     def _csv_rows(self) -> Iterator[tuple[str, dict]]:
         """("line N", row dict) pairs of the CSV file; the header names the columns."""
-        try:
-            handle = open(self.path, encoding="utf-8", newline="")
-        except FileNotFoundError as err:
-            raise DataError(f"{self.path}: file not found") from err
-        with handle:
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: file not found")
+        with open(self.path, encoding="utf-8", newline="") as handle:
             reader = csv.DictReader(handle)
             for column in (self.image_key, self.text_key):
                 if reader.fieldnames is None or column not in reader.fieldnames:

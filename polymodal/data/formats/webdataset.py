@@ -82,15 +82,18 @@ class WebDatasetReader(torch.utils.data.IterableDataset):
                 f"WebDatasetReader: world_size={world_size} exceeds the {len(self.urls)} shard(s); "
                 "some ranks would get no data"
             )
-        self.source = shards if isinstance(shards, str) else f"{len(self.urls)} shards"
+        more = f" (+{len(self.urls) - 2} more)" if len(self.urls) > 2 else ""
+        self.source = shards if isinstance(shards, str) else ", ".join(self.urls[:2]) + more
         self.rank = rank
         self.world_size = world_size
         self.strict = strict
         self.max_pixels = max_pixels
         self.skipped = SkipCounter(self.source, strict)
+        self._last_tar_error: object = None
 
     def __iter__(self) -> Iterator[WebDatasetRecord]:
         self.skipped = SkipCounter(self.source, self.strict)
+        self._last_tar_error = None
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(self.urls),
             self._split_by_rank,
@@ -106,7 +109,12 @@ class WebDatasetReader(torch.utils.data.IterableDataset):
 
     def _tar_error(self, exn: Exception) -> bool:
         """webdataset handler for unreadable shards/members: count and continue (or raise if strict)."""
-        self.skipped.skip("tar stream", exn)
+        # webdataset reports one tar error twice (member loop, then shard loop with the url
+        # appended to args); count it once.
+        first = exn.args[0] if exn.args else exn
+        if first != self._last_tar_error:
+            self._last_tar_error = first
+            self.skipped.skip("tar stream", exn)
         return True
 
     def _decode_samples(self, src: Iterable[dict]) -> Iterator[WebDatasetRecord]:

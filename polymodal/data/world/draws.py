@@ -24,10 +24,12 @@ from polymodal.data.world.objects import (
     SPLITS,
     is_held_out,
 )
+from polymodal.data.world.render import rotated_half_extent
 
 SPLIT_STRIDE = 1 << 40
 SPLIT_OFFSETS: dict[str, int] = {name: k * SPLIT_STRIDE for k, name in enumerate(SPLITS)}
 MAX_ROTATION = 45.0
+ROTATION_STEPS = 20  # resolution of the rotation cap in fit_rotation
 
 # Independent random streams of one world: scenes and clips with the same index differ.
 STREAM_SCENE = 0
@@ -57,10 +59,24 @@ def sample_attributes(rng: np.random.Generator, held_out: bool, compositional: b
     return shape, color, size
 
 
-def center_in_cell(rng: np.random.Generator, cell: tuple[int, int], size: str) -> tuple[float, float]:
-    """A random normalised center keeping the object's circle CELL_MARGIN inside its cell."""
+def fit_rotation(shape: str, size: str, rotation: float) -> float:
+    """`rotation` shrunk towards 0 until the rotated shape fits its cell inside CELL_MARGIN."""
+    room = 0.5 - CELL_MARGIN
+    half = SIZE_FRACTIONS[size] / 2
+    for k in range(ROTATION_STEPS, -1, -1):
+        angle = rotation * k / ROTATION_STEPS
+        if half * rotated_half_extent(shape, angle) <= room:
+            return float(angle)
+    return 0.0
+
+
+def center_in_cell(
+    rng: np.random.Generator, cell: tuple[int, int], shape: str, size: str, rotation: float
+) -> tuple[float, float]:
+    """A random normalised center keeping the rotated object CELL_MARGIN inside its cell."""
     width = 1.0 / GRID
-    slack = width * (0.5 - CELL_MARGIN - SIZE_FRACTIONS[size] / 2)  # >= 0 for every size
+    extent = SIZE_FRACTIONS[size] / 2 * rotated_half_extent(shape, rotation)
+    slack = width * max(0.0, 0.5 - CELL_MARGIN - extent)
     row, col = cell
     x = (col + 0.5) * width + rng.uniform(-slack, slack)
     y = (row + 0.5) * width + rng.uniform(-slack, slack)

@@ -4,11 +4,12 @@ Everything here is plain data shared by the sampler, the renderer, the text gene
 scorer, so that an attribute has exactly one spelling and one numeric meaning.
 
 Geometry. Positions are normalised: x grows to the right, y grows downwards, both in [0, 1].
-The image is split into a 3x3 grid; `cell = (row, col)` with row 0 at the top. Every shape is
-defined inside a circle of radius 1 around its center (its circumscribed circle), so a rotated
-object never leaves that circle. An object's size class fixes the diameter of that circle as a
-fraction of the cell width (`SIZE_FRACTIONS`), and objects keep `CELL_MARGIN` away from their
-cell's border, so objects in different cells never touch (the scorer relies on that).
+The image is split into a 3x3 grid; `cell = (row, col)` with row 0 at the top. Every upright
+shape fills the box [-1, 1]^2 around its center in units of its half-size; a size class fixes
+the box width as a fraction of the cell width (`SIZE_FRACTIONS`). Objects (rotated ones
+included) keep `CELL_MARGIN` away from their cell's border, so objects in different cells never
+touch. The size fractions are 0.19 of a cell apart, so at 32 px and above the half-sizes of two
+classes differ by more than one pixel and every size class rasterises differently.
 """
 from __future__ import annotations
 
@@ -31,11 +32,11 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "dia
 
 SIZES: tuple[str, ...] = ("small", "medium", "large")
 
-# Diameter of an object's circumscribed circle as a fraction of the cell width.
-SIZE_FRACTIONS: dict[str, float] = {"small": 0.5, "medium": 0.68, "large": 0.86}
+# Width of an object's (unrotated) box as a fraction of the cell width.
+SIZE_FRACTIONS: dict[str, float] = {"small": 0.5, "medium": 0.69, "large": 0.88}
 
-# Gap kept between an object's circumscribed circle and its cell border, as a fraction of the
-# cell width. Two objects in neighbouring cells are then >= 2 * CELL_MARGIN * cell apart, which
+# Gap kept between an object's (rotated) box and its cell border, as a fraction of the cell
+# width. Two objects in neighbouring cells are then >= 2 * CELL_MARGIN * cell apart, which
 # is more than one pixel from 32 px images up, so they never become one connected component.
 CELL_MARGIN = 0.06
 
@@ -99,8 +100,8 @@ class WorldObject:
             raise ValueError(f"WorldObject.cell: {self.cell!r} is not a (row, col) in a 3x3 grid")
 
     @property
-    def radius(self) -> float:
-        """Radius of the circumscribed circle, normalised to the image width."""
+    def half_size(self) -> float:
+        """Half the width of the object's unrotated box, normalised to the image width."""
         return SIZE_FRACTIONS[self.size] / GRID / 2
 
     @property

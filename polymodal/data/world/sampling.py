@@ -17,6 +17,7 @@ from polymodal.data.world.draws import (
     SPLIT_STRIDE,
     STREAM_SCENE,
     center_in_cell,
+    fit_rotation,
     sample_attributes,
     sample_background,
     scene_rng,
@@ -34,7 +35,8 @@ class World:
     num_objects: (min, max) objects per scene, 1 <= min <= max <= 9.
     background: "plain" | "noise" | "texture" | "mixed".
     seed: the world seed; scene i depends only on (seed, split, i).
-    max_rotation: objects are rotated uniformly in [-max_rotation, max_rotation] degrees.
+    max_rotation: objects are rotated uniformly in [-max_rotation, max_rotation] degrees, each
+        rotation shrunk towards 0 where the rotated shape would not fit its cell.
     """
 
     def __init__(
@@ -87,8 +89,11 @@ class World:
         for k, flat in enumerate(cells):
             cell = (int(flat) // GRID, int(flat) % GRID)
             shape, color, size = sample_attributes(rng, k == forced, compositional)
-            rotation = float(rng.uniform(-self.max_rotation, self.max_rotation)) if self.max_rotation else 0.0
-            objects.append(WorldObject(shape, color, size, cell, center_in_cell(rng, cell, size), rotation))
+            rotation = 0.0
+            if self.max_rotation:
+                rotation = fit_rotation(shape, size, rng.uniform(-self.max_rotation, self.max_rotation))
+            center = center_in_cell(rng, cell, shape, size, rotation)
+            objects.append(WorldObject(shape, color, size, cell, center, rotation))
         return tuple(objects)
 
     def __getitem__(self, index: int) -> Scene:

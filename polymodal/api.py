@@ -1,0 +1,43 @@
+"""The public entry point `polymodal.load`: one call for every checkpoint kind we read."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:  # torch is imported lazily so `import polymodal` and `polymodal --help` stay fast
+    import torch
+    import torch.nn as nn
+
+
+class Loaded(NamedTuple):
+    """What `load` returns; unpacks as `model, tokenizer = polymodal.load(path)`."""
+
+    model: "nn.Module"
+    tokenizer: object | None
+
+
+def load(path: str | Path, device: "str | torch.device" = "cpu", dtype: "torch.dtype | None" = None) -> Loaded:
+    """Load a model (and its tokenizer, when the checkpoint has one) from `path`.
+
+    path: a polymodal checkpoint folder, a Hugging Face folder (config.json + safetensors,
+    single-file or sharded) or a GGUF file. The model is returned in eval mode on `device`;
+    `dtype` casts floating-point weights (default: as stored for polymodal checkpoints, float32
+    for imported ones).
+    """
+    import torch
+
+    from polymodal.interop import detect_format, import_gguf, import_hf
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    kind = detect_format(path)
+    if kind == "polymodal":
+        from polymodal.checkpoint import load_checkpoint
+
+        model, tokenizer = load_checkpoint(path, device=device, dtype=dtype)
+    elif kind == "gguf":
+        model, tokenizer = import_gguf(path, dtype=dtype or torch.float32)
+    else:
+        model, tokenizer = import_hf(path, dtype=dtype or torch.float32)
+    return Loaded(model.to(device).eval(), tokenizer)

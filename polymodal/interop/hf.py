@@ -1,0 +1,117 @@
+"""Import and export Hugging Face model folders (config.json + safetensors + tokenizer).
+
+Supported architectures: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (-> `DecoderLM`)
+and CLIP / SigLIP vision towers, alone or inside a full CLIPModel / SiglipModel (-> `VisionTransformer`).
+The per-family config and name maps live in `hf_lm` and `hf_vit`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from polymodal.backbones.decoder import DecoderLM
+from polymodal.checkpoint import load_state_dict_checked
+from polymodal.encoders.vit import VisionTransformer
+from polymodal.interop.hf_lm import LM_MODEL_TYPES, decoder_config_from_hf, hf_config_from_decoder, lm_state_from_hf, lm_state_to_hf
+from polymodal.interop.hf_vit import VIT_MODEL_TYPES, hf_config_from_vit, vit_config_from_hf, vit_state_from_hf, vit_state_to_hf
+from polymodal.interop.safetensors_io import atomic_folder, read_hf_weights, write_hf_weights
+from polymodal.tokenizers.text import TextTokenizer
+
+CONFIG_FILE = "config.json"
+LM_ARCHITECTURES = tuple(LM_MODEL_TYPES.values())
+VIT_ARCHITECTURES = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel", "SiglipVisionModel", "SiglipModel")
+# Exported vision towers use the hub's classic `vision_model.` prefix, which every transformers
+# version loads into CLIPVisionModel / SiglipVisionModel.
+VISION_PREFIX = "vision_model."
+
+
+def read_hf_config(folder: str | Path) -> dict:
+    """The parsed config.json of an HF folder (errors name the file)."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a Hugging Face model folder: it has no {CONFIG_FILE}")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return cfg
+
+
+def hf_family(cfg: dict, source: str) -> str:
+    """"lm" or "vit" for an HF config dict, by `architectures` (when given) or `model_type`."""
+    archs = cfg.get("architectures") or []
+    model_type = cfg.get("model_type")
+    known = f"supported architectures: {list(LM_ARCHITECTURES + VIT_ARCHITECTURES)}"
+    if archs:
+        if all(a in LM_ARCHITECTURES for a in archs):
+            return "lm"
+        if all(a in VIT_ARCHITECTURES for a in archs):
+            return "vit"
+        raise ValueError(f"{source}: architecture {archs} (model_type {model_type!r}) is not supported; {known}")
+    if model_type in LM_MODEL_TYPES:
+        return "lm"
+    if model_type in VIT_MODEL_TYPES:
+        return "vit"
+    raise ValueError(f"{source}: model_type {model_type!r} (no 'architectures') is not supported; {known}")
+
+
+def import_hf(folder: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, TextTokenizer | None]:
+    """Load an HF model folder as (DecoderLM | VisionTransformer in eval mode, tokenizer or None).
+
+    Weights are read from model.safetensors or the shards of model.safetensors.index.json and
+    cast to `dtype`. The tokenizer is loaded when the folder has a tokenizer.json. Raises
+    `CheckpointMismatchError` naming HF tensors that are missing, unexpected or mis-shaped.
+    """
+    folder = Path(folder)
+    source = str(folder / CONFIG_FILE)
+    cfg = read_hf_config(folder)
+    family = hf_family(cfg, source)
+    tensors = read_hf_weights(folder)
+    weights_source = str(folder)
+    if family == "lm":
+        model = DecoderLM(decoder_config_from_hf(cfg, source))
+        state = lm_state_from_hf(tensors, model, weights_source)
+    else:
+        model = VisionTransformer(vit_config_from_hf(cfg, source))
+        state = vit_state_from_hf(tensors, model, weights_source)
+    load_state_dict_checked(model, state, weights_source)
+    model.to(dtype=dtype).eval()
+    tokenizer = TextTokenizer.from_pretrained(folder) if (folder / "tokenizer.json").is_file() else None
+    return model, tokenizer
+
+
+def export_hf(model: nn.Module, folder: str | Path, tokenizer: TextTokenizer | None = None,
+              max_shard_bytes: int | None = None) -> Path:
+    """Write `model` as an HF folder that transformers' `from_pretrained` loads; return the folder.
+
+    DecoderLM -> LlamaForCausalLM (Qwen2ForCausalLM when attention_bias); VisionTransformer ->
+    CLIPVisionModel or SiglipVisionModel by its layout. Weights go to model.safetensors, or to
+    shards plus model.safetensors.index.json above `max_shard_bytes`. The folder is replaced as a
+    whole and atomically (see `atomic_folder`).
+    """
+    if isinstance(model, DecoderLM):
+        cfg = hf_config_from_decoder(model.config)
+        if tokenizer is not None:
+            # Fill token roles the model config leaves open from the tokenizer, for HF's generate().
+            for role in ("bos", "eos", "pad"):
+                if cfg[f"{role}_token_id"] is None:
+                    cfg[f"{role}_token_id"] = getattr(tokenizer, f"{role}_token_id")
+        tensors = lm_state_to_hf(model.state_dict(), model.config)
+    elif isinstance(model, VisionTransformer):
+        cfg = hf_config_from_vit(model.config)
+        tensors = vit_state_to_hf(model.state_dict(), prefix=VISION_PREFIX)
+    else:
+        raise TypeError(f"export_hf: no HF architecture for {type(model).__name__} (supported: DecoderLM, VisionTransformer)")
+    cfg["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    folder = Path(folder)
+    with atomic_folder(folder) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        write_hf_weights(tensors, tmp, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return folder

@@ -1,0 +1,90 @@
+"""Smoke test of benchmarks/bench_lm.py: every section runs once on a tiny config and returns
+finite, positive numbers; the weight copy into transformers' Llama reproduces our logits."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import bench_lm  # noqa: E402  (benchmarks/ is a script folder, not a package)
+from common import causal_pairs, time_interleaved, train_flops  # noqa: E402
+
+from polymodal.backbones.decoder import DecoderConfig  # noqa: E402
+
+TINY = DecoderConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                     num_kv_heads=2, max_position_embeddings=128)
+SIZES = bench_lm.BenchSizes(train_batch=2, train_seq=16, docs_per_step=5, doc_min_len=3, doc_max_len=24,
+                            pack_max_tokens=32, decode_new_tokens=4, decode_prompt_lens=(5, 2, 7),
+                            warmup=0, iters=1)
+
+
+def _finite_positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+def test_weight_copy_reproduces_logits():
+    ours, hf = bench_lm.build_pair(TINY, "cpu")
+    ids = torch.randint(0, TINY.vocab_size, (2, 9))
+    assert bench_lm.logits_max_diff(ours, hf, ids) < 1e-5
+    assert bench_lm.hf_name("layers.layers.3.attn_norm.weight") == "model.layers.3.input_layernorm.weight"
+    assert bench_lm.hf_name("layers.layers.0.attn.q_proj.weight") == "model.layers.0.self_attn.q_proj.weight"
+    assert bench_lm.hf_name("norm.weight") == "model.norm.weight"
+
+
+def test_train_section():
+    r = bench_lm.bench_train(TINY, SIZES)
+    for name in ("polymodal", "transformers"):
+        assert _finite_positive(r[name]["tokens_per_s"]) and _finite_positive(r[name]["tflops"])
+    assert _finite_positive(r["ratio"]["median"])
+    assert r["first_loss"]["polymodal"] == pytest.approx(r["first_loss"]["transformers"], rel=1e-5)
+
+
+def test_packed_section_losses_agree():
+    r = bench_lm.bench_packed(TINY, SIZES, peak_tflops=1.0)
+    losses = r["first_loss"]
+    assert losses["polymodal_packed"] == pytest.approx(losses["transformers_padded"], rel=1e-4)
+    assert losses["polymodal_padded"] == pytest.approx(losses["transformers_padded"], rel=1e-4)
+    for name in ("transformers_padded", "polymodal_padded", "polymodal_packed"):
+        assert _finite_positive(r[name]["real_tokens_per_s"]) and 0 < r[name]["mfu"] < 1
+    docs = bench_lm.make_documents(SIZES.docs_per_step, SIZES.doc_min_len, SIZES.doc_max_len, TINY.vocab_size)
+    assert r["real_tokens_per_step"] == sum(len(d) for d in docs)
+    assert r["packed_shape"][1] <= SIZES.pack_max_tokens
+
+
+def test_decode_section_runs_exact_tokens():
+    r = bench_lm.bench_decode(TINY, SIZES, batch_size=3)
+    assert r["prompt_lens"] == [5, 2, 7]
+    assert _finite_positive(r["polymodal"]["tokens_per_s"]) and _finite_positive(r["transformers"]["tokens_per_s"])
+    assert r["greedy_tokens_equal_fraction"] == 1.0
+
+
+def test_documents_lengths_within_range():
+    docs = bench_lm.make_documents(50, 20, 500, 100, seed=1)
+    assert len(docs) == 50 and all(20 <= len(d) <= 500 for d in docs)
+    ids, mask = bench_lm.pad_right(docs)
+    assert int(mask.sum()) == sum(len(d) for d in docs) and ids.shape[1] == max(len(d) for d in docs)
+
+
+def test_timing_and_flops_helpers():
+    calls = {"a": 0, "b": 0}
+    times = time_interleaved({"a": lambda: calls.__setitem__("a", calls["a"] + 1),
+                              "b": lambda: calls.__setitem__("b", calls["b"] + 1)}, warmup=1, iters=3)
+    assert calls == {"a": 4, "b": 4} and len(times["a"].samples) == 3 and times["a"].best <= times["a"].median
+    assert causal_pairs([1, 3]) == 1 + 6
+    assert train_flops(10, 2, 0, 1, 4) == 120.0 and train_flops(0, 0, 1, 2, 4) == 96.0
+
+
+def test_format_table_and_json(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_lm, "bench_config", lambda: TINY)
+    monkeypatch.setattr(bench_lm, "QUICK", SIZES)
+    out = tmp_path / "r.json"
+    results = bench_lm.main(["--quick", "--json", str(out)])
+    table = bench_lm.format_table(results)
+    assert "decode B=3" in table and "ratio" in table
+    assert json.loads(out.read_text())["train"]["batch"] == [2, 16]

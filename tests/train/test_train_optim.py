@@ -1,0 +1,60 @@
+"""Optimizer parameter groups and learning-rate schedules."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from polymodal.train.optim import build_optimizer, build_scheduler, lr_at
+
+
+def test_decay_only_matrices_and_skip_frozen_params():
+    model = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    model[3].weight.requires_grad_(False)
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[1].weight)}
+    assert {id(p) for p in no_decay["params"]} == {id(model[1].bias), id(model[2].weight),
+                                                   id(model[2].bias), id(model[3].bias)}
+
+
+def test_fully_frozen_model_is_an_error():
+    model = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad"):
+        build_optimizer(model, lr=1e-3)
+
+
+def test_warmup_then_cosine_values():
+    kw = dict(base_lr=1.0, total_steps=110, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_at(0, **kw) == pytest.approx(0.1)
+    assert lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(10, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.1 + 0.9 * 0.5)  # half way: cos(pi/2) = 0
+    assert lr_at(85, **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.75)))
+    assert lr_at(109, **kw) == pytest.approx(0.1, abs=1e-3)
+    assert lr_at(500, **kw) == pytest.approx(0.1)
+
+
+def test_linear_and_constant_values():
+    lin = dict(base_lr=2.0, total_steps=10, warmup_steps=0, schedule="linear", min_lr_ratio=0.0)
+    assert [lr_at(s, **lin) for s in (0, 5, 9)] == pytest.approx([2.0, 1.0, 0.2])
+    const = dict(base_lr=2.0, total_steps=10, warmup_steps=4, schedule="constant")
+    assert [lr_at(s, **const) for s in (0, 3, 4, 9)] == pytest.approx([0.5, 2.0, 2.0, 2.0])
+    with pytest.raises(ValueError, match="step_decay"):
+        lr_at(0, base_lr=1.0, total_steps=10, schedule="step_decay")
+
+
+def test_scheduler_follows_lr_at():
+    param = nn.Parameter(torch.zeros(2, 2))
+    opt = torch.optim.AdamW([param], lr=3e-3)
+    sched = build_scheduler(opt, total_steps=20, warmup_steps=5, schedule="cosine", min_lr_ratio=0.2)
+    seen = []
+    for _ in range(20):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [lr_at(s, base_lr=3e-3, total_steps=20, warmup_steps=5, min_lr_ratio=0.2) for s in range(20)]
+    assert seen == pytest.approx(expected, rel=1e-12)

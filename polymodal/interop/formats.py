@@ -19,7 +19,7 @@ def detect_format(path: str | Path) -> str:
         with open(path, "rb") as f:
             if f.read(4) == GGUF_MAGIC:
                 return "gguf"
-        raise ValueError(f"{path} is a file but not a GGUF file (no 'GGUF' magic); checkpoints are folders or .gguf files")
+        raise ValueError(f"{path} is a file but not a GGUF file (no 'GGUF' magic); checkpoints are folders or .gguf")
     if not path.exists():
         from polymodal.checkpoint import NotACheckpointError, resolve_checkpoint_folder
 

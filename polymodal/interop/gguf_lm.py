@@ -60,7 +60,7 @@ def decoder_config_from_gguf(reader: GGUFReader, source: str) -> DecoderConfig:
     meta = _metadata(reader)
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
-        raise ValueError(f"{source}: general.architecture {arch!r} is not supported (supported: {list(GGUF_ARCHITECTURES)})")
+        raise ValueError(f"{source}: general.architecture {arch!r} is not supported (supported: {GGUF_ARCHITECTURES})")
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         # Llama-3.1-style GGUFs store per-frequency RoPE factors as a tensor, not as config fields.
@@ -76,7 +76,7 @@ def decoder_config_from_gguf(reader: GGUFReader, source: str) -> DecoderConfig:
     head_dim = int(key("attention.key_length", hidden // heads))
     rotary = int(key("rope.dimension_count", head_dim))
     if rotary != head_dim:
-        raise ValueError(f"{source}: {arch}.rope.dimension_count={rotary} != head dim {head_dim} (partial RoPE unsupported)")
+        raise ValueError(f"{source}: {arch}.rope.dimension_count={rotary} != head dim {head_dim} (partial RoPE)")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = len(tokens.data) if tokens is not None else int(key("vocab_size"))
 

@@ -15,14 +15,28 @@ import torch.nn as nn
 from polymodal.backbones.decoder import DecoderLM
 from polymodal.checkpoint import load_state_dict_checked
 from polymodal.encoders.vit import VisionTransformer
-from polymodal.interop.hf_lm import LM_MODEL_TYPES, decoder_config_from_hf, hf_config_from_decoder, lm_state_from_hf, lm_state_to_hf
-from polymodal.interop.hf_vit import VIT_MODEL_TYPES, hf_config_from_vit, vit_config_from_hf, vit_state_from_hf, vit_state_to_hf
+from polymodal.interop.hf_lm import (
+    LM_MODEL_TYPES,
+    decoder_config_from_hf,
+    hf_config_from_decoder,
+    lm_state_from_hf,
+    lm_state_to_hf,
+)
+from polymodal.interop.hf_vit import (
+    VIT_MODEL_TYPES,
+    hf_config_from_vit,
+    vit_config_from_hf,
+    vit_state_from_hf,
+    vit_state_to_hf,
+)
 from polymodal.interop.safetensors_io import atomic_folder, read_hf_weights, write_hf_weights
 from polymodal.tokenizers.text import TextTokenizer
 
 CONFIG_FILE = "config.json"
 LM_ARCHITECTURES = tuple(LM_MODEL_TYPES.values())
-VIT_ARCHITECTURES = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel", "SiglipVisionModel", "SiglipModel")
+VIT_ARCHITECTURES = (
+    "CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel", "SiglipVisionModel", "SiglipModel",
+)
 # Exported vision towers use the hub's classic `vision_model.` prefix, which every transformers
 # version loads into CLIPVisionModel / SiglipVisionModel.
 VISION_PREFIX = "vision_model."
@@ -106,7 +120,7 @@ def export_hf(model: nn.Module, folder: str | Path, tokenizer: TextTokenizer | N
         cfg = hf_config_from_vit(model.config)
         tensors = vit_state_to_hf(model.state_dict(), prefix=VISION_PREFIX)
     else:
-        raise TypeError(f"export_hf: no HF architecture for {type(model).__name__} (supported: DecoderLM, VisionTransformer)")
+        raise TypeError(f"export_hf: no HF architecture for {type(model).__name__} (only DecoderLM, VisionTransformer)")
     cfg["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     folder = Path(folder)
     with atomic_folder(folder) as tmp:

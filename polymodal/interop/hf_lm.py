@@ -67,12 +67,12 @@ def decoder_config_from_hf(cfg: dict, source: str = "config.json") -> DecoderCon
     """Translate an HF Llama/Mistral/Qwen2 config.json dict into a `DecoderConfig`."""
     model_type = cfg.get("model_type")
     if model_type not in LM_MODEL_TYPES:
-        raise ValueError(f"{source}: model_type {model_type!r} is not a supported LM (supported: {sorted(LM_MODEL_TYPES)})")
+        raise ValueError(f"{source}: model_type {model_type!r} is not a supported LM ({sorted(LM_MODEL_TYPES)})")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"{source}: hidden_act {act!r} is not supported (SwiGLU decoders use 'silu')")
     if model_type == "llama" and cfg.get("attention_bias", False):
-        raise ValueError(f"{source}: Llama attention_bias=true (biased o_proj) is not supported; only Qwen2-style q/k/v biases are")
+        raise ValueError(f"{source}: Llama attention_bias=true (a biased o_proj) is not supported")
     _check_sliding_window(cfg, model_type, source)
     theta, scaling = _rope_from_hf(cfg, source)
     heads = cfg["num_attention_heads"]
@@ -101,7 +101,7 @@ def hf_config_from_decoder(config: DecoderConfig) -> dict:
     """An HF config.json dict for `config`: LlamaForCausalLM, or Qwen2ForCausalLM when attention_bias."""
     c = config
     if c.attention_bias and c.mlp_bias:
-        raise ValueError("DecoderConfig with both attention_bias and mlp_bias has no HF architecture (Qwen2 has no mlp_bias)")
+        raise ValueError("DecoderConfig: attention_bias with mlp_bias has no HF architecture (Qwen2 has no mlp_bias)")
     qwen2 = c.attention_bias
     out = {
         "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
@@ -123,7 +123,6 @@ def hf_config_from_decoder(config: DecoderConfig) -> dict:
         "bos_token_id": c.bos_token_id,
         "eos_token_id": c.eos_token_id,
         "pad_token_id": c.pad_token_id,
-        "torch_dtype": "float32",
     }
     if qwen2:
         out.update(use_sliding_window=False, sliding_window=None)

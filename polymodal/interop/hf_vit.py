@@ -68,7 +68,7 @@ def vit_config_from_hf(cfg: dict, source: str = "config.json") -> ViTConfig:
     v = {**_DEFAULTS[kind], **{k: val for k, val in vision.items() if val is not None}}
     act = _ACT_FROM_HF.get(v["hidden_act"])
     if act is None:
-        raise ValueError(f"{source}: vision hidden_act {v['hidden_act']!r} is not supported (known: {sorted(_ACT_FROM_HF)})")
+        raise ValueError(f"{source}: vision hidden_act {v['hidden_act']!r} is not supported ({sorted(_ACT_FROM_HF)})")
     common = dict(image_size=v["image_size"], patch_size=v["patch_size"], num_channels=v["num_channels"],
                   hidden_size=v["hidden_size"], num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
                   intermediate_size=v["intermediate_size"], act=act, norm_eps=float(v["layer_norm_eps"]))
@@ -113,7 +113,6 @@ def hf_config_from_vit(config: ViTConfig) -> dict:
         "patch_size": c.patch_size,
         "hidden_act": _ACT_TO_HF[c.act],
         "layer_norm_eps": c.norm_eps,
-        "torch_dtype": "float32",
     }
     if layout == "siglip":
         out["vision_use_head"] = c.pool == "map"
@@ -141,7 +140,7 @@ def vit_state_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, source
     for name, tensor in kept.items():
         name = name[len(prefix):]
         if name in _PACKED:
-            for proj, part in zip("qkv", tensor.chunk(3, dim=0)):
+            for proj, part in zip("qkv", tensor.chunk(3, dim=0), strict=True):
                 out[f"head.attn.{proj}_proj.{_PACKED[name]}"] = part
         else:
             out[HF_VIT_NAMES.to_ours(name)] = tensor

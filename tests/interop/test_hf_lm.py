@@ -7,8 +7,15 @@ import pytest
 import torch
 from interop_parity import max_abs_diff, randomize_
 from safetensors.torch import load_file, save_file
-from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from polymodal.backbones.decoder import DecoderLM
 from polymodal.checkpoint import CheckpointMismatchError

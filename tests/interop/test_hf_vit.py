@@ -6,8 +6,16 @@ import json
 import pytest
 import torch
 from interop_parity import max_abs_diff, randomize_
-from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, SiglipConfig, SiglipModel,
-                          SiglipVisionConfig, SiglipVisionModel)
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    SiglipConfig,
+    SiglipModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
 from polymodal.checkpoint import CheckpointMismatchError
 from polymodal.encoders.vit import VisionTransformer
@@ -37,7 +45,7 @@ def _assert_outputs_match(ours, ref_out, pixels) -> None:
     assert max_abs_diff(out.last_hidden_state, ref_out.last_hidden_state) <= TOL
     assert max_abs_diff(out.pooler_output, ref_out.pooler_output) <= TOL
     assert len(out.hidden_states) == len(ref_out.hidden_states) == VISION["num_hidden_layers"] + 1
-    for got, ref in zip(out.hidden_states, ref_out.hidden_states):
+    for got, ref in zip(out.hidden_states, ref_out.hidden_states, strict=True):
         assert max_abs_diff(got, ref) <= TOL
 
 

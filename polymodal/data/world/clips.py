@@ -14,7 +14,12 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from polymodal.data.world.draws import STREAM_CLIP, sample_attributes, sample_background, scene_rng
+from polymodal.data.world.draws import (
+    STREAM_CLIP,
+    sample_attributes,
+    sample_background,
+    scene_rng,
+)
 from polymodal.data.world.objects import GRID, SIZE_FRACTIONS, WorldObject, cell_of
 from polymodal.data.world.scene import Scene
 from polymodal.data.world.text import join_words, noun, unique_noun, with_article
@@ -110,7 +115,7 @@ def _draw_track(rng: np.random.Generator, radius: float, frames: int) -> tuple[s
     return direction, velocity, _track(start, velocity, frames)
 
 
-def sample_clip(world: "World", index: int, frames: int = 8) -> Clip:
+def sample_clip(world: World, index: int, frames: int = 8) -> Clip:
     """Clip `index` of `world`: up to 3 moving objects (world.num_objects capped), `frames` frames."""
     if frames < 1:
         raise ValueError(f"sample_clip: frames must be >= 1, got {frames!r}")

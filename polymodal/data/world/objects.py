@@ -121,7 +121,7 @@ class WorldObject:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "WorldObject":
+    def from_dict(cls, d: dict) -> WorldObject:
         """Inverse of `to_dict`."""
         return cls(
             shape=d["shape"],

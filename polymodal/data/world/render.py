@@ -19,8 +19,8 @@ Backgrounds are gray so they can never be mistaken for a named color:
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 import numpy as np
 

@@ -6,7 +6,7 @@ a held-out color+shape pair (see draws.py).
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

@@ -14,7 +14,7 @@ from polymodal.data.world.objects import BACKGROUNDS, WorldObject
 class Scene:
     """A scene: objects on a background, fully determined by its fields.
 
-    objects: the objects, in distinct grid cells, sorted in reading order (row, then column).
+    objects: the objects; sampled scenes put them in distinct grid cells, in reading order.
     background: "plain" | "noise" | "texture".
     bg_color: the background's gray (r, g, b).
     bg_seed: seed of the background noise.
@@ -105,7 +105,7 @@ class Scene:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Scene":
+    def from_dict(cls, d: dict) -> Scene:
         """Inverse of `to_dict`."""
         return cls(
             objects=tuple(WorldObject.from_dict(o) for o in d["objects"]),

@@ -28,14 +28,22 @@ benchmarks/bench_world.py for measured rates.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
-from polymodal.data.world.objects import COLORS, GRID, SHAPES, SIZE_FRACTIONS, WorldObject, cell_of
+from polymodal.data.world.objects import (
+    COLORS,
+    GRID,
+    SHAPES,
+    SIZE_FRACTIONS,
+    WorldObject,
+    cell_of,
+)
 from polymodal.data.world.render import UNIT_AREAS, shape_raster
 from polymodal.data.world.scene import Scene
 
@@ -131,10 +139,10 @@ def _fit_shape(
         for shape in SHAPES:
             if not 1 / AREA_RATIO <= area / (UNIT_AREAS[shape] * half**2) <= AREA_RATIO:
                 continue
-            for rotation in rotations:
+            for rotation in rotations if shape != "circle" else (0.0,):  # a circle has no angle
                 template, count, (ox, oy) = shape_raster(shape, half, rotation)
                 h = template.shape[0] // 2
-                ix, iy = int(round(cx - ox)), int(round(cy - oy))
+                ix, iy = round(cx - ox), round(cy - oy)
                 shifts = _SHIFTS_ROTATED if rotation else _SHIFTS_UPRIGHT
                 for dx, dy in shifts:
                     inter = _overlap(template, ix + dx - h, iy + dy - h, mask, origin[0], origin[1])

@@ -18,7 +18,8 @@ questions skip them), so the compositional hold-out covers text as well as pixel
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -88,7 +89,7 @@ def unique_noun(obj: WorldObject, objects: Sequence[WorldObject]) -> str | None:
     return None
 
 
-def _background_phrase(scene: "Scene") -> str:
+def _background_phrase(scene: Scene) -> str:
     tone = "light" if scene.bg_color[0] >= 128 else "dark"
     return f"a {_BACKGROUND_WORDS[scene.background]} {tone} background"
 
@@ -97,7 +98,7 @@ def _count_phrase(n: int) -> str:
     return f"{NUMBER_WORDS[n]} object" + ("" if n == 1 else "s")
 
 
-def _short_captions(scene: "Scene") -> list[str]:
+def _short_captions(scene: Scene) -> list[str]:
     things = join_words([with_article(noun(o)) for o in scene.objects])
     return [
         things,
@@ -107,7 +108,7 @@ def _short_captions(scene: "Scene") -> list[str]:
     ]
 
 
-def _detailed_captions(scene: "Scene") -> list[str]:
+def _detailed_captions(scene: Scene) -> list[str]:
     objs = scene.objects
     placed = [f"{with_article(noun(o, True))} {LOCATIVES[o.position]}" for o in objs]
     n = len(objs)
@@ -124,7 +125,7 @@ def _detailed_captions(scene: "Scene") -> list[str]:
 _CAPTIONS = {"short": _short_captions, "detailed": _detailed_captions}
 
 
-def caption(scene: "Scene", style: str = "short", variant: int | None = None) -> str:
+def caption(scene: Scene, style: str = "short", variant: int | None = None) -> str:
     """One caption of `scene`; variant None picks a template from the scene's seed."""
     if style not in _CAPTIONS:
         raise ValueError(f"caption: style {style!r} is not one of {tuple(_CAPTIONS)}")
@@ -136,7 +137,7 @@ def caption(scene: "Scene", style: str = "short", variant: int | None = None) ->
     return options[variant]
 
 
-def all_captions(scene: "Scene") -> list[str]:
+def all_captions(scene: Scene) -> list[str]:
     """Every short then every detailed caption of `scene`."""
     return _short_captions(scene) + _detailed_captions(scene)
 
@@ -196,7 +197,7 @@ def _relation_questions(objs: Sequence[WorldObject]) -> list[QA]:
     return out
 
 
-def questions(scene: "Scene") -> list[QA]:
+def questions(scene: Scene) -> list[QA]:
     """Every question/answer pair of `scene`, deterministic (see the module docstring)."""
     rng = np.random.default_rng([scene.seed, 101])
     objs = scene.objects
@@ -208,7 +209,7 @@ def questions(scene: "Scene") -> list[QA]:
     )
 
 
-def conversation(scene: "Scene", turns: int = 3) -> list[dict]:
+def conversation(scene: Scene, turns: int = 3) -> list[dict]:
     """A `turns`-turn chat about `scene`: a description request or a question per user turn.
 
     Questions are drawn round-robin over question types so turns vary; the first user turn

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
 
 from polymodal.data.world.sampling import World
 from polymodal.tokenizers.chat import CHATML_TEMPLATE

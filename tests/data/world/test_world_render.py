@@ -2,7 +2,15 @@
 import numpy as np
 import pytest
 
-from polymodal.data.world import COLORS, SHAPES, SIZES, Scene, World, WorldObject, parse_image
+from polymodal.data.world import (
+    COLORS,
+    SHAPES,
+    SIZES,
+    Scene,
+    World,
+    WorldObject,
+    parse_image,
+)
 from polymodal.data.world.objects import SIZE_FRACTIONS
 from polymodal.data.world.render import shape_raster
 

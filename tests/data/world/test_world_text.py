@@ -1,0 +1,113 @@
+"""Captions, QA and conversations agree with the scene's objects."""
+import re
+
+import pytest
+
+from polymodal.data.world import COLORS, POSITION_NAMES, QTYPES, SHAPES, SIZES, World
+from polymodal.data.world.text import LOCATIVES
+
+_BY_LOCATIVE = {LOCATIVES[name]: cell for cell, name in POSITION_NAMES.items()}
+_PLURALS = {
+    "circle": "circles",
+    "square": "squares",
+    "triangle": "triangles",
+    "star": "stars",
+    "cross": "crosses",
+    "diamond": "diamonds",
+}
+_ANSWERS = {
+    "color": set(COLORS),
+    "shape": set(SHAPES),
+    "size": set(SIZES),
+    "count": {str(n) for n in range(10)},
+    "position": set(POSITION_NAMES.values()),
+    "existence": {"yes", "no"},
+    "relation": {"yes", "no"},
+}
+
+
+def _find(objects, phrase):
+    """Objects named by "red circle" or "small red circle"."""
+    words = phrase.split()
+    if len(words) == 3:
+        return [o for o in objects if [o.size, o.color, o.shape] == words]
+    return [o for o in objects if [o.color, o.shape] == words]
+
+
+def _check(qa, objects):
+    """Recompute the answer of `qa` from the objects, independently of text.py."""
+    if m := re.fullmatch(r"What color is the (\w+) (.+)\?", qa.question):
+        (obj,) = [o for o in objects if o.cell == _BY_LOCATIVE[m[2]]]
+        assert obj.shape == m[1]
+        return obj.color
+    if m := re.fullmatch(r"What is the shape of the object (.+)\?", qa.question):
+        return next(o.shape for o in objects if o.cell == _BY_LOCATIVE[m[1]])
+    if m := re.fullmatch(r"What size is the (\w+) (\w+) (.+)\?", qa.question):
+        (obj,) = [o for o in objects if o.cell == _BY_LOCATIVE[m[3]]]
+        assert (obj.color, obj.shape) == (m[1], m[2])
+        return obj.size
+    if m := re.fullmatch(r"Where is the (.+)\?", qa.question):
+        (obj,) = _find(objects, m[1])
+        return POSITION_NAMES[obj.cell]
+    if qa.question == "How many objects are there?":
+        return str(len(objects))
+    if m := re.fullmatch(r"How many (\w+) objects are there\?", qa.question):
+        return str(sum(o.color == m[1] for o in objects))
+    if m := re.fullmatch(r"How many (\w+) are there\?", qa.question):
+        return str(sum(_PLURALS[o.shape] == m[1] for o in objects))
+    if m := re.fullmatch(r"Is there an? (\w+) (\w+)\?", qa.question):
+        return "yes" if any((o.color, o.shape) == (m[1], m[2]) for o in objects) else "no"
+    if m := re.fullmatch(r"Is the (.+) (left of|above) the (.+)\?", qa.question):
+        (a,), (b,) = _find(objects, m[1]), _find(objects, m[3])
+        axis = 1 if m[2] == "left of" else 0
+        return "yes" if a.cell[axis] < b.cell[axis] else "no"
+    raise AssertionError(f"unrecognised question {qa.question!r}")
+
+
+def test_every_answer_matches_the_objects():
+    seen_types, seen_answers = set(), set()
+    for scene in World("train", num_objects=(1, 9), background="mixed").scenes(80):
+        for qa in scene.questions():
+            assert qa.qtype in QTYPES
+            assert qa.answer in _ANSWERS[qa.qtype], qa
+            assert _check(qa, scene.objects) == qa.answer, qa
+            seen_types.add(qa.qtype)
+            seen_answers.add((qa.qtype, qa.answer))
+    assert seen_types == set(QTYPES)
+    for qtype in ("existence", "relation"):
+        assert {(qtype, "yes"), (qtype, "no")} <= seen_answers
+
+
+def test_captions_name_every_object_and_position():
+    scene = World("val", num_objects=(2, 4), background="texture")[3]
+    captions = scene.captions()
+    assert len(captions) == len(set(captions)) >= 6
+    for caption in captions:
+        for obj in scene.objects:
+            assert f"{obj.color} {obj.shape}" in caption
+    for variant in range(3):
+        detailed = scene.caption("detailed", variant)
+        for obj in scene.objects:
+            assert f"{obj.size} {obj.color} {obj.shape}" in detailed
+            assert LOCATIVES[obj.position] in detailed.lower()
+    assert scene.caption("short") in captions and scene.caption("detailed") in captions
+    assert "textured" in scene.caption("short", 3)
+    with pytest.raises(ValueError, match="style"):
+        scene.caption("poem")
+    with pytest.raises(ValueError, match="variant"):
+        scene.caption("short", 9)
+
+
+def test_conversation_format():
+    for scene in World("train", num_objects=(1, 5)).scenes(20):
+        for turns in (1, 3, 5):
+            chat = scene.conversation(turns)
+            assert scene.conversation(turns) == chat
+            assert len(chat) == 2 * turns
+            assert [m["role"] for m in chat] == ["user", "assistant"] * turns
+            assert chat[0]["content"].startswith("<image>\n")
+            assert all("<image>" not in m["content"] for m in chat[1:])
+            qa = {(q.question, q.answer) for q in scene.questions()}
+            for user, reply in zip(chat[::2], chat[1::2]):
+                question = user["content"].removeprefix("<image>\n")
+                assert (question, reply["content"]) in qa or question.startswith(("Describe", "What do you see"))

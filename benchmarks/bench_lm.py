@@ -131,6 +131,7 @@ def _train_step(model: torch.nn.Module, loss_fn, device: str, lr: float = 1e-4):
 def _rates(timing: Timing, work: int, unit: str) -> dict:
     """Median and best seconds per call and the matching `unit`/s for `work` units per call."""
     return {"call_s": timing.median, "call_s_best": timing.best, "samples_s": timing.samples,
+            "cpu_s": timing.cpu_median,
             f"{unit}_per_s": work / timing.median, f"{unit}_per_s_best": work / timing.best}
 
 
@@ -339,7 +340,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="accelerator peak TFLOP/s for MFU (default: H100 bf16 dense)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: left at torch's default); 1 is steadier on a busy host")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     sizes = QUICK if args.quick else FULL

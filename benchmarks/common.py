@@ -24,11 +24,13 @@ def synchronize(device: str) -> None:
 
 @dataclass
 class Timing:
-    """Seconds per call of one contender: median and best of the timed rounds, and every sample."""
+    """Wall seconds per call of one contender (median, best, every sample) and the median CPU
+    seconds of this process per call (less sensitive to other tenants than wall time)."""
 
     median: float
     best: float
     samples: list[float]
+    cpu_median: float
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, iters: int,
@@ -48,14 +50,16 @@ def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, iters: i
         for name in names:
             fns[name]()
     samples: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for round_idx in range(iters):
         for name in (names if round_idx % 2 == 0 else names[::-1]):
             synchronize(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             fns[name]()
             synchronize(device)
             samples[name].append(time.perf_counter() - start)
-    return {name: Timing(statistics.median(s), min(s), s) for name, s in samples.items()}
+            cpu[name].append(time.process_time() - cpu_start)
+    return {name: Timing(statistics.median(s), min(s), s, statistics.median(cpu[name])) for name, s in samples.items()}
 
 
 def matmul_params(model: torch.nn.Module, embedding: torch.nn.Module | None = None) -> int:

@@ -17,9 +17,6 @@ two renames) it survives as the `.<name>.old-*` sibling, which `load_checkpoint`
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +25,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from polymodal.atomic import atomic_folder
 from polymodal.config import config_from_mapping
 from polymodal.models.registry import config_to_dict, get_family
 
@@ -69,11 +67,7 @@ def save_checkpoint(
             f"save_checkpoint({folder}): {type(model).__name__} needs a `family` name and a `config` "
             "dataclass attribute (see polymodal.models.registry)"
         )
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    _recover_interrupted_swap(folder)
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_folder(folder, _is_complete) as tmp:
         tensors, aliases = _dedupe_shared(model.state_dict())
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases)})
         meta = {"format": FORMAT, "version": VERSION, "family": family, "config": config_to_dict(config)}
@@ -84,11 +78,6 @@ def save_checkpoint(
             tokenizer.save(tmp)
         if extra_files is not None:
             extra_files(tmp)
-        _fsync_tree(tmp)
-        _swap_in(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
@@ -228,63 +217,7 @@ def _is_complete(folder: Path) -> bool:
     return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
 
 
-def _swap_in(tmp: Path, folder: Path) -> None:
-    """Replace `folder` by `tmp` with renames, so one complete checkpoint always exists on disk."""
-    old = None
-    if folder.exists():
-        old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(folder, old)
-    os.rename(tmp, folder)
-    _fsync_dir(folder.parent)
-    if old is not None:
-        shutil.rmtree(old)
 
 
-def _recover_interrupted_swap(folder: Path) -> None:
-    """Undo what an earlier, interrupted save left behind next to `folder`.
-
-    A `.name.old-*` copy with no `folder` means the swap died between its renames: move it back.
-    Leftover `.name.tmp-*` folders are incomplete writes and are removed.
-    """
-    olds = sorted(p for p in folder.parent.glob(f".{folder.name}.old-*") if _is_complete(p))
-    if olds and not folder.exists():
-        os.rename(olds[0], folder)
-    for stale in folder.parent.glob(f".{folder.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in folder.parent.glob(f".{folder.name}.old-*"):
-        shutil.rmtree(stale, ignore_errors=True)
 
 
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and folder under `root` to disk before it is renamed into place."""
-    for dirpath, _, filenames in os.walk(root):
-        for filename in filenames:
-            fd = os.open(os.path.join(dirpath, filename), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory so the renames/creations inside it survive a power loss (POSIX only)."""
-    if os.name != "posix":
-        return
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a small text file atomically (temp file, fsync, rename over the old one)."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)

@@ -7,8 +7,9 @@ from polymodal.infer.generate import stream_text
 
 
 def complete(model_path: str, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int | None = None, chat: bool = False, stop=(), out=sys.stdout) -> str:
-    """Load `model_path`, complete `prompt`, stream the text to `out`; returns the completion."""
+             top_p: float = 1.0, seed: int | None = None, chat: bool = False, stop=(), out=None) -> str:
+    """Load `model_path`, complete `prompt`, stream the text to `out` (default stdout); returns the completion."""
+    out = out or sys.stdout
     from polymodal.api import load
 
     model, tokenizer = load(model_path)

@@ -113,9 +113,14 @@ def _unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return weight.reshape(num_heads, -1, 2, *rest).transpose(1, 2).reshape(weight.shape)
 
 
+def _torch_shape(tensor) -> tuple[int, ...]:
+    """A GGUF tensor's shape in PyTorch order (GGUF lists dims innermost first)."""
+    return tuple(int(d) for d in reversed(tensor.shape))
+
+
 def _tensor_to_torch(tensor) -> torch.Tensor:
     """A GGUF tensor as float32 (dequantized when quantized), in PyTorch's (out, in) order."""
-    shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims innermost first
+    shape = _torch_shape(tensor)
     if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
         data = np.asarray(tensor.data, dtype=np.float32)
     else:
@@ -140,7 +145,7 @@ def import_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[D
     expected = {GGUF_LM_NAMES.to_foreign(n): t.shape for n, t in model.state_dict().items()
                 if not (config.tie_word_embeddings and n == "lm_head.weight")}
     found = {t.name: t for t in reader.tensors}
-    check_tensor_names(expected, {n: _ShapeOnly(t) for n, t in found.items()}, source)
+    check_tensor_names(expected, {n: _torch_shape(t) for n, t in found.items()}, source)
     state = {}
     for gguf_name, tensor in found.items():
         weight = _tensor_to_torch(tensor)
@@ -152,10 +157,3 @@ def import_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[D
     load_state_dict_checked(model, state, source)
     model.to(dtype=dtype).eval()
     return model, TextTokenizer.from_gguf(reader)
-
-
-class _ShapeOnly:
-    """A stand-in exposing the PyTorch-order `.shape` of a GGUF tensor without dequantizing it."""
-
-    def __init__(self, tensor):
-        self.shape = tuple(int(d) for d in reversed(tensor.shape))

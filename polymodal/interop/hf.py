@@ -29,7 +29,8 @@ from polymodal.interop.hf_vit import (
     vit_state_from_hf,
     vit_state_to_hf,
 )
-from polymodal.interop.safetensors_io import atomic_folder, read_hf_weights, write_hf_weights
+from polymodal.atomic import atomic_folder
+from polymodal.interop.safetensors_io import read_hf_weights, write_hf_weights
 from polymodal.tokenizers.text import TextTokenizer
 
 CONFIG_FILE = "config.json"

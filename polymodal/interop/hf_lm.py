@@ -143,7 +143,7 @@ def lm_state_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, source:
         if not name.endswith(_IGNORED_SUFFIXES) and not (config.tie_word_embeddings and name == "lm_head.weight")
     }
     expected = {name: t.shape for name, t in lm_state_to_hf(model.state_dict(), config).items()}
-    check_tensor_names(expected, kept, source)
+    check_tensor_names(expected, {n: t.shape for n, t in kept.items()}, source)
     return {HF_LM_NAMES.to_ours(name): t for name, t in kept.items()}
 
 

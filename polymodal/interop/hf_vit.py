@@ -135,7 +135,7 @@ def vit_state_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, source
     prefix = _vision_prefix(tensors, source)
     kept = {n: t for n, t in tensors.items() if n.startswith(prefix) and not n.endswith(_IGNORED_SUFFIXES)}
     expected = {prefix + n: t.shape for n, t in vit_state_to_hf(model.state_dict()).items()}
-    check_tensor_names(expected, kept, source)
+    check_tensor_names(expected, {n: t.shape for n, t in kept.items()}, source)
     out = {}
     for name, tensor in kept.items():
         name = name[len(prefix):]

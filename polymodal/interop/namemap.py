@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 from polymodal.checkpoint import CheckpointMismatchError
 
 
@@ -43,8 +41,8 @@ class NameMap:
         return self._rename(name, self._ours)
 
 
-def check_tensor_names(expected: dict[str, tuple[int, ...]], found: dict[str, torch.Tensor], source: str) -> None:
-    """Compare the tensors of a file against the names/shapes a model needs, in the file's own names.
+def check_tensor_names(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], source: str) -> None:
+    """Compare a file's tensor {name: shape} against the names/shapes a model needs, in the file's own names.
 
     Raises `CheckpointMismatchError` naming `source` and every missing, unexpected or
     wrongly-shaped tensor (with both shapes), so a user can find them in the file.
@@ -52,9 +50,9 @@ def check_tensor_names(expected: dict[str, tuple[int, ...]], found: dict[str, to
     missing = sorted(k for k in expected if k not in found)
     unexpected = sorted(k for k in found if k not in expected)
     mismatched = sorted(
-        f"{k}: file {tuple(found[k].shape)} vs expected {tuple(expected[k])}"
+        f"{k}: file {tuple(found[k])} vs expected {tuple(expected[k])}"
         for k in expected
-        if k in found and tuple(found[k].shape) != tuple(expected[k])
+        if k in found and tuple(found[k]) != tuple(expected[k])
     )
     if missing or unexpected or mismatched:
         lines = [f"tensors in {source} do not fit the model its config describes:"]

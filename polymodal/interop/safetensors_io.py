@@ -9,12 +9,7 @@ Pickled `pytorch_model.bin` files are never read.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -89,41 +84,4 @@ def write_hf_weights(tensors: dict[str, torch.Tensor], folder: str | Path, max_s
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
-@contextlib.contextmanager
-def atomic_folder(folder: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder to fill; on success it replaces `folder` as a whole.
 
-    Files are fsynced before the swap, so a crash leaves either the old folder or the complete
-    new one in place (plus, at worst, a hidden `.name.tmp-*` / `.name.old-*` sibling). On an
-    exception the temporary folder is removed and `folder` is untouched.
-    """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        for entry in [*tmp.iterdir(), tmp]:
-            _fsync(entry)
-        old = None
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(folder, old)
-        os.rename(tmp, folder)
-        _fsync(folder.parent)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or (on POSIX) a folder's entries to disk."""
-    if path.is_dir() and os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from polymodal.checkpoint import load_state_dict_checked, read_weights, write_text_atomic
+from polymodal.atomic import write_text_atomic
+from polymodal.checkpoint import load_state_dict_checked, read_weights
 from polymodal.models.registry import config_to_dict
 from polymodal.plots import save_loss_plot
 from polymodal.train.data import is_resumable

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from polymodal.checkpoint import NotACheckpointError, resolve_checkpoint_folder, save_checkpoint, write_text_atomic
+from polymodal.atomic import write_text_atomic
+from polymodal.checkpoint import NotACheckpointError, resolve_checkpoint_folder, save_checkpoint
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"

@@ -9,7 +9,8 @@ import torch
 from polymodal.backbones.decoder import DecoderLM
 from polymodal.checkpoint import save_checkpoint
 from polymodal.interop import detect_format
-from polymodal.interop.safetensors_io import INDEX_FILE, WEIGHTS_FILE, atomic_folder, read_hf_weights, write_hf_weights
+from polymodal.atomic import atomic_folder
+from polymodal.interop.safetensors_io import INDEX_FILE, WEIGHTS_FILE, read_hf_weights, write_hf_weights
 from polymodal.models.lm import lm_tiny
 
 

@@ -83,8 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     from polymodal.data.export import add_cli as add_world_cli
+    from polymodal.eval.cli import add_cli as add_eval_cli
 
     add_world_cli(sub)
+    add_eval_cli(sub)
     return parser
 
 

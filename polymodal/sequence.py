@@ -71,7 +71,12 @@ class Document:
 
 @dataclass
 class Placement:
-    """Where a continuous (non-token) segment landed: row, first position, length, and the segment."""
+    """Where a segment with a payload landed: row, first position, length, and the segment.
+
+    Every segment with `data` (or without tokens) gets one, in row-major layout order, so a
+    family can scatter encoder outputs into exactly these positions. A segment may carry both
+    placeholder `tokens` (e.g. K copies of an `<image>` id, HF-LLaVA style) and `data` (pixels).
+    """
 
     row: int
     start: int
@@ -90,7 +95,7 @@ class PackedBatch:
     segment_ids: a row-unique id per segment (-1 for padding);
     bidirectional: whether the position's segment is bidirectional;
     labels: next-token targets (IGNORE_INDEX where none);
-    placements: continuous segments to be filled with embeddings by the family;
+    placements: segments with payloads, to be filled with embeddings by the family (layout order);
     document_rows: for each input document, (row, start) where it was placed.
     """
 
@@ -213,7 +218,7 @@ def _lay_out(documents: list[Document], row_docs: list[list[int]], length: int, 
                     token_ids[r, span] = seg.tokens
                     is_token[r, span] = True
                     targets_on[r, span] = seg.loss
-                else:
+                if seg.data is not None or seg.tokens is None:
                     placements.append(Placement(r, cursor, seg.length, d, seg))
                 cursor += seg.length
                 segment_counter += 1

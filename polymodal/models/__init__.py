@@ -1,2 +1,2 @@
 """Model families: one module per family, each registering itself in `registry` on import."""
-from polymodal.models import lm, vit  # noqa: F401  (registration side effects)
+from polymodal.models import lm, mmllm, vit  # noqa: F401  (registration side effects)

@@ -5,19 +5,19 @@ config dataclass. Recipes are scripts-as-functions (torchtune style), not traine
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import yaml
 
 
-def _lm(path, overrides):
-    from polymodal.recipes.lm import run_lm_recipe
-
-    return run_lm_recipe(path, overrides)
-
-
-RECIPES: dict[str, Callable] = {"lm": _lm}
+# recipe name -> "module:function(path, overrides)", imported lazily.
+RECIPES: dict[str, str] = {
+    "lm": "polymodal.recipes.lm:run_lm_recipe",
+    "clip": "polymodal.recipes.clip:run_clip_recipe",
+    "mmllm": "polymodal.recipes.mmllm:run_mmllm_recipe",
+}
 
 
 def run_recipe(config_path: str | Path, overrides: Sequence[str] = ()):
@@ -29,4 +29,5 @@ def run_recipe(config_path: str | Path, overrides: Sequence[str] = ()):
     name = data.get("recipe")
     if name not in RECIPES:
         raise ValueError(f"{path}: `recipe:` must be one of {sorted(RECIPES)}, got {name!r}")
-    return RECIPES[name](path, overrides)
+    module, function = RECIPES[name].split(":")
+    return getattr(importlib.import_module(module), function)(path, overrides)

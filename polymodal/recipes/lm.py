@@ -144,3 +144,10 @@ def world_qa_accuracy(model, tokenizer, num_scenes: int = 200, split: str = "val
     table = {q: sum(v) / len(v) for q, v in sorted(hits.items())}
     table["all"] = sum(sum(v) for v in hits.values()) / max(1, sum(len(v) for v in hits.values()))
     return table
+
+
+def evaluate_cli(model, tokenizer, data: str = "world", split: str = "val", n: int = 200) -> dict[str, float]:
+    """`polymodal eval` for the `lm` family: world QA from described scenes (data must be "world")."""
+    if data != "world":
+        raise ValueError(f"the lm family evaluates on data 'world' only, got {data!r}")
+    return world_qa_accuracy(model, tokenizer, num_scenes=n, split=split)

@@ -1,0 +1,134 @@
+"""The `mmllm` family: vision encoder -> input projector -> decoder LM (LLaVA, Qwen-VL, BLIP-2, MiniGPT-4).
+
+Images enter the token stream HF-LLaVA style: the prompt holds K copies of the `<image>` token
+id per image (K = the projector's token count), and the projected image features replace those
+positions' embeddings, image by image in reading order. The same rule serves plain (B, T)
+batches, packed rows (`PackedBatch`, whose image segments carry the pixels) and generation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from polymodal.backbones.decoder import DecoderConfig, DecoderLM, LMOutput
+from polymodal.encoders.vit import ViTConfig, VisionTransformer
+from polymodal.models.registry import Family, register
+from polymodal.projectors import ProjectorConfig, build_projector
+from polymodal.sequence import PackedBatch
+
+
+@dataclass
+class MMLLMConfig:
+    """vision / lm / projector sub-configs; which ViT layer feeds the projector and whether its
+    class token is dropped (LLaVA: layer -2, patches only); the `<image>` placeholder token id."""
+
+    vision: ViTConfig = field(default_factory=ViTConfig)
+    lm: DecoderConfig = field(default_factory=DecoderConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    vision_feature_layer: int = -2
+    drop_class_token: bool = True
+    image_token_id: int = 0
+
+
+class MultimodalLM(nn.Module):
+    """Encoder + projector + LM. Call like transformers' LLaVA: (input_ids (B, T), pixel_values (N, C, H, W)) -> logits (B, T, V)."""
+
+    family = "mmllm"
+
+    def __init__(self, config: MMLLMConfig):
+        super().__init__()
+        self.config = config
+        self.vision = VisionTransformer(config.vision)
+        self.lm = DecoderLM(config.lm)
+        self.projector = build_projector(config.projector, config.vision.hidden_size, config.lm.hidden_size)
+
+    @property
+    def image_tokens(self) -> int:
+        """LM positions one image occupies at the vision tower's native resolution."""
+        c = self.config.vision
+        patches = c.grid ** 2 + (0 if self.config.drop_class_token or not c.class_token else 1)
+        return self.projector.num_tokens(patches)
+
+    def encode_images(self, pixel_values: torch.Tensor, **projector_inputs) -> torch.Tensor:
+        """pixel_values (N, C, H, W) -> image embeddings in LM space (N, K, D_lm)."""
+        drop = self.config.drop_class_token
+        features = self.vision.patch_features(pixel_values, self.config.vision_feature_layer, drop_class_token=drop)
+        return self.projector(features, **projector_inputs)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              attention_mask: torch.Tensor | None = None, **projector_inputs) -> torch.Tensor:
+        """Token embeddings (B, T, D) with every `<image>` position replaced by image features, in order.
+
+        attention_mask (B, T): padding positions (0) are never image slots, whatever their id.
+        """
+        slots = input_ids == self.config.image_token_id
+        if attention_mask is not None:
+            slots &= attention_mask.bool()
+        # The placeholder id may lie outside the LM vocabulary (as in some LLaVA exports).
+        embeds = self.lm.embed_tokens(input_ids.masked_fill(slots, 0))  # (B, T, D)
+        num_slots = int(slots.sum())
+        if pixel_values is None or len(pixel_values) == 0:
+            if num_slots:
+                raise ValueError(f"input_ids hold {num_slots} image placeholder tokens but no pixel_values were given")
+            return embeds
+        images = self.encode_images(pixel_values, **projector_inputs)  # (N, K, D)
+        if images.shape[0] * images.shape[1] != num_slots:
+            raise ValueError(
+                f"{images.shape[0]} images x {images.shape[1]} tokens each need {images.shape[0] * images.shape[1]} "
+                f"image placeholder tokens (id {self.config.image_token_id}), input_ids hold {num_slots}"
+            )
+        return embeds.masked_scatter(slots.unsqueeze(-1), images.to(embeds.dtype))
+
+    def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                packed: PackedBatch | None = None, kv_cache=None, labels: torch.Tensor | None = None,
+                logits_to_keep: int = 0, inputs_embeds: torch.Tensor | None = None, **projector_inputs) -> LMOutput:
+        """Run the model; see `DecoderLM.forward` for the LM arguments.
+
+        With `packed`, ids come from the batch and pixels from its image placements (layout order).
+        """
+        if packed is not None:
+            input_ids = packed.token_ids
+            images = [p.segment.data for p in packed.placements if p.segment.modality == "image"]
+            pixel_values = torch.stack(images).to(input_ids.device) if images else None
+        if inputs_embeds is None:
+            padding = attention_mask if attention_mask is not None and attention_mask.shape == input_ids.shape else None
+            inputs_embeds = self.embed(input_ids, pixel_values, padding, **projector_inputs)
+        return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, positions=positions,
+                       packed=packed, kv_cache=kv_cache, labels=labels, logits_to_keep=logits_to_keep)
+
+    def new_kv_cache(self, batch_size: int, max_len: int):
+        """An empty KV cache for the LM."""
+        return self.lm.new_kv_cache(batch_size, max_len)
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values: torch.Tensor | None = None, **kwargs) -> list[list[int]]:
+        """Generate from prompts holding image placeholders; kwargs as `polymodal.infer.generate.generate`."""
+        from polymodal.infer.generate import generate, left_pad
+
+        ids, mask = left_pad(input_ids, pad_id=0)
+        device = self.lm.embed_tokens.weight.device
+        embeds = self.embed(ids.to(device), None if pixel_values is None else pixel_values.to(device),
+                            attention_mask=mask.to(device))
+        return generate(self, ids, inputs_embeds=embeds, attention_mask=mask, **kwargs)
+
+
+def mmllm_tiny() -> MMLLMConfig:
+    """A tiny LLaVA-1.5-layout model for tests: 32 px ViT (16 patches), 2-layer LM, MLP projector."""
+    from polymodal.models.lm import lm_tiny
+    from polymodal.models.vit import vit_tiny
+
+    return MMLLMConfig(vision=vit_tiny(), lm=lm_tiny(), projector=ProjectorConfig(kind="mlp"), image_token_id=255)
+
+
+def _example_batch(model: MultimodalLM) -> dict:
+    c = model.config
+    ids = torch.randint(0, c.lm.vocab_size - 1, (2, 6 + model.image_tokens))
+    ids[:, 2:2 + model.image_tokens] = c.image_token_id
+    size = c.vision.image_size
+    return {"input_ids": ids, "pixel_values": torch.randn(2, 3, size, size)}
+
+
+MMLLM = register(Family("mmllm", MMLLMConfig, MultimodalLM, mmllm_tiny, _example_batch))

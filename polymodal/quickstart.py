@@ -1,9 +1,15 @@
-"""`polymodal quickstart`: the smallest complete tour of the library, on a CPU, in minutes.
+"""`polymodal quickstart`: train a small multimodal LM from scratch on the CPU, in minutes.
 
-It generates shapes-world scenes, trains a small decoder LM from scratch to answer questions
-about scenes *described in words* (packed, padding-free training; exact-match scoring), evaluates
-it on held-out scenes, and saves a checkpoint, a loss plot and a grid of example answers.
-The multimodal issue replaces the word description with the image itself.
+It generates shapes-world scenes and trains a LLaVA-layout model (ViT -> MLP projector ->
+decoder LM, all from scratch, world tokenizer) in two stages: "align" on image captions, then
+"instruct" on multi-turn visual chats with the loss on the answers only, every step packing
+whole conversations padding-free. It then answers every question of held-out scenes (val) and
+of scenes with held-out color+shape pairs (compositional), prints the exact-match table and a
+few conversations, and saves a loss plot, a grid of images with the model's answers and a
+checkpoint that `polymodal chat` / `polymodal serve` / `polymodal eval` load.
+
+Nothing is pretrained here, so stage 1 trains every part (in the `configs/mmllm/smollm2_*`
+recipes, with a pretrained LM, it trains the projector only, as LLaVA does).
 """
 from __future__ import annotations
 
@@ -12,75 +18,153 @@ from pathlib import Path
 
 import torch
 
-from polymodal.backbones.decoder import DecoderConfig, DecoderLM
-from polymodal.recipes.lm import LMDataConfig, LMRecipeConfig, train_lm, world_qa_accuracy, world_qa_documents, world_qa_text
-from polymodal.sequence import pack_documents
+from polymodal.backbones.decoder import DecoderConfig
+from polymodal.encoders.vit import ViTConfig
+from polymodal.models.mmllm import MMLLMConfig
+from polymodal.projectors import ProjectorConfig
+from polymodal.recipes.mmllm import (
+    MMLLMDataConfig,
+    MMLLMRecipeConfig,
+    answer_questions,
+    build_mmllm,
+    make_batches,
+    set_trainable,
+    train_mmllm,
+    vqa_accuracy,
+)
 from polymodal.train.loop import TrainConfig
 
+IMAGE_SIZE = 48
+ALIGN_SHARE = 0.3  # of the training budget; captions teach the vision tower fast, chats need the rest
+EVAL_SHARE = 0.12  # of the total budget, kept back for evaluation and the demo outputs
 
-def quickstart(minutes: float = 3.0, out: str | Path = "runs/quickstart", seed: int = 0, eval_scenes: int = 100) -> dict:
-    """Run the quickstart within about `minutes` of training; returns the evaluation table
-    (exact-match accuracy per question type over `eval_scenes` held-out scenes)."""
-    from polymodal.data.world import World, world_tokenizer
+
+def quickstart_model() -> MMLLMConfig:
+    """The quickstart's model: a 48 px ViT (36 patches of 8 px) + 2-layer MLP + a 3-layer LM (~1.3M parameters).
+
+    Chat text dominates the sequence (about 20 template and question tokens per one-word answer),
+    so the LM's cost per token sets the pace: it is kept narrow."""
+    vision = ViTConfig(image_size=IMAGE_SIZE, patch_size=8, hidden_size=128, num_layers=3, num_heads=4,
+                       intermediate_size=256, act="gelu")
+    lm = DecoderConfig(hidden_size=128, intermediate_size=384, num_layers=3, num_heads=4, num_kv_heads=2,
+                       max_position_embeddings=512, tie_word_embeddings=True)
+    # From scratch every ViT layer should learn, so the projector reads the last one.
+    return MMLLMConfig(vision=vision, lm=lm, projector=ProjectorConfig(kind="mlp"), vision_feature_layer=-1)
+
+
+def stage_config(stage: str, out: Path, seed: int, steps: int = 1, init_from: str | None = None) -> MMLLMRecipeConfig:
+    """The recipe config of one quickstart stage (steps are set from the time budget)."""
+    data = MMLLMDataConfig(num_scenes=50000, turns=6, docs_per_batch=48 if stage == "align" else 24, max_tokens=256)
+    train = TrainConfig(steps=steps, lr=3e-3 if stage == "align" else 2e-3, warmup_steps=max(1, steps // 20),
+                        weight_decay=0.01, out_dir=str(out / stage), ckpt_every=0, keep_checkpoints=1, seed=seed,
+                        resume=True, log_every=5)
+    return MMLLMRecipeConfig(stage=stage, init_from=init_from, model=quickstart_model(), data=data,
+                             trainable=["vision", "projector", "lm"], train=train)
+
+
+def _seconds_per_step(config: MMLLMRecipeConfig, model, tokenizer) -> float:
+    """Time two steps on real batches of the stage (after one warm-up step)."""
+    set_trainable(model, config.trainable, config.lora)
+    batches = make_batches(config, model, tokenizer)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        model(packed=next(batches)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - start)
+    return sum(times[1:]) / 2
+
+
+def quickstart(minutes: float = 9.0, out: str | Path = "runs/quickstart", seed: int = 0, eval_scenes: int = 100) -> dict:
+    """Run the whole quickstart in about `minutes` (training and evaluation); returns the
+    exact-match table {"val/<qtype>": acc, ..., "compositional/<qtype>": acc, ...} over
+    `eval_scenes` scenes per split, plus the plain per-type val figures under "<qtype>"."""
+    from polymodal.data.conversation import ImageProcessor
+    from polymodal.data.world import World
 
     out = Path(out)
+    started = time.perf_counter()
     torch.manual_seed(seed)
-    print(f"polymodal quickstart: training budget {minutes:.1f} min, writing to {out}/")
-    tokenizer = world_tokenizer()
-    documents = world_qa_documents(20000, tokenizer, seed=seed)
-    model_config = DecoderConfig(vocab_size=tokenizer.vocab_size, hidden_size=192, intermediate_size=512,
-                                 num_layers=4, num_heads=6, num_kv_heads=2, max_position_embeddings=512,
-                                 tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id)
-    model = DecoderLM(model_config)
-    data = LMDataConfig(source="world-qa", docs_per_batch=32, max_tokens=512)
-    steps = _steps_in_budget(model, documents, data, minutes)
-    train_config = TrainConfig(steps=steps, lr=3e-3, warmup_steps=max(1, steps // 20), weight_decay=0.01,
-                               out_dir=str(out), ckpt_every=max(1, steps // 4), seed=seed, resume=True)
-    config = LMRecipeConfig(model=model_config, data=data, train=train_config)
-    model, tokenizer, result = train_lm(config, documents, tokenizer, model)
-    print("evaluating on held-out scenes (val split)...")
-    table = world_qa_accuracy(model, tokenizer, num_scenes=eval_scenes, split="val")
+    print(f"polymodal quickstart: a multimodal LM from scratch in ~{minutes:.1f} min on {torch.get_num_threads()} "
+          f"CPU threads, writing to {out}/")
+    align = stage_config("align", out, seed)
+    model, tokenizer = build_mmllm(align)
+    per_step = {"align": _seconds_per_step(align, model, tokenizer)}
+    per_step["instruct"] = _seconds_per_step(stage_config("instruct", out, seed), model, tokenizer)
+    model, tokenizer = build_mmllm(align)  # fresh weights after the timing steps
+    budget = max(0.0, minutes * 60 * (1 - EVAL_SHARE) - (time.perf_counter() - started))
+    steps = {"align": max(5, int(budget * ALIGN_SHARE / per_step["align"])),
+             "instruct": max(5, int(budget * (1 - ALIGN_SHARE) / per_step["instruct"]))}
+    print(f"budget {budget:.0f}s of training: {steps['align']} align steps ({per_step['align']:.2f}s each), "
+          f"{steps['instruct']} instruct steps ({per_step['instruct']:.2f}s each)")
+
+    print("\n[1/3] stage 1, align: image -> caption")
+    model, tokenizer, first, align_final = train_mmllm(stage_config("align", out, seed, steps["align"]), model, tokenizer)
+    print("\n[2/3] stage 2, instruct: multi-turn visual chats, loss on the answers")
+    instruct = stage_config("instruct", out, seed, steps["instruct"], init_from=str(align_final))
+    model, tokenizer, second, final = train_mmllm(instruct, model, tokenizer)
+    losses = first.losses + second.losses
+    _loss_plot(first.losses, second.losses, out / "loss.png")
+
+    print("\n[3/3] evaluating: every question of held-out scenes")
+    processor = ImageProcessor.for_model(model.config)
+    table = {}
+    for split in ("val", "compositional"):
+        world = World(split, image_size=IMAGE_SIZE, num_objects=(1, 3))
+        for key, value in vqa_accuracy(model, tokenizer, processor, world, eval_scenes).items():
+            table[f"{split}/{key}"] = value
+    table.update({k.split("/", 1)[1]: v for k, v in table.items() if k.startswith("val/")})
     _print_table(table)
-    grid = _answer_grid(model, tokenizer, World(split="val"), out / "examples.png")
-    print(f"\nloss plot:        {out / 'loss.png'}\nexample answers:  {grid}\ncheckpoint:       {result.checkpoint}")
+    _print_examples(model, tokenizer, processor, World("val", image_size=IMAGE_SIZE, num_objects=(1, 3)))
+    grid = _answer_grid(model, tokenizer, processor, World("val", image_size=IMAGE_SIZE, num_objects=(1, 3)),
+                        out / "examples.png")
+    elapsed = time.perf_counter() - started
+    print(f"\ndone in {elapsed / 60:.1f} min; final loss {losses[-1]:.3f}")
+    print(f"loss plot:        {out / 'loss.png'}\nexample answers:  {grid}\ncheckpoint:       {final}")
     print("\nnext:")
-    print(f'  polymodal complete {result.checkpoint} "a small red circle in the center.\\nQ: what color is the circle?\\nA:"')
-    print(f"  polymodal train configs/lm/world_qa.yaml train.out_dir={out}-recipe")
+    print(f"  polymodal chat {final} --image my_picture.png      # talk about an image")
+    print(f"  polymodal serve {final}                           # OpenAI-compatible HTTP server")
+    print(f"  polymodal eval {final} --split compositional      # the full evaluation")
+    print(f"  polymodal train configs/mmllm/world_align.yaml    # the longer two-stage recipe")
     return table
 
 
-def _steps_in_budget(model, documents, data: LMDataConfig, minutes: float) -> int:
-    """Time two training steps on real batches and fit as many as the budget allows."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
-    batch = pack_documents(documents[: data.docs_per_batch], data.max_tokens, truncate=True)
-    model(packed=batch).loss.backward()  # warm-up (allocations, kernel selection)
-    start = time.perf_counter()
-    for _ in range(2):
-        model(packed=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    per_step = (time.perf_counter() - start) / 2
-    return max(10, int(minutes * 60 / per_step))
+def _loss_plot(align: list[float], instruct: list[float], path: Path) -> None:
+    from polymodal.plots import save_loss_plot
+
+    steps = list(range(1, len(align) + len(instruct) + 1))
+    save_loss_plot(steps, align + instruct, path, title=f"quickstart loss (align: steps 1-{len(align)}, then instruct)")
 
 
 def _print_table(table: dict[str, float]) -> None:
-    print("\n  question type   exact match")
-    for qtype, acc in table.items():
-        print(f"  {qtype:<14}  {100 * acc:6.1f}%")
+    from polymodal.data.world import QTYPES
+
+    print("\n  question type   val      compositional")
+    for qtype in (*QTYPES, "all"):
+        if f"val/{qtype}" in table:
+            comp = table.get(f"compositional/{qtype}")
+            comp_text = f"{100 * comp:6.1f}%" if comp is not None else "   -"
+            print(f"  {qtype:<14} {100 * table[f'val/{qtype}']:6.1f}%   {comp_text}")
 
 
-@torch.no_grad()
-def _answer_grid(model, tokenizer, world, path: Path, n: int = 8) -> Path:
+def _print_examples(model, tokenizer, processor, world, n: int = 3) -> None:
+    print("\nexample conversations (val scenes):")
+    for scene in world.scenes(n, start=10):
+        qas = scene.questions()[:: max(1, len(scene.questions()) // 3)][:3]
+        answers = answer_questions(model, tokenizer, processor, [(scene.image(), qa.question) for qa in qas])
+        print(f"  scene: {scene.caption('detailed')}")
+        for qa, answer in zip(qas, answers):
+            mark = "ok" if answer == qa.answer else f"expected {qa.answer!r}"
+            print(f"    user: {qa.question}\n    model: {answer}   ({mark})")
+
+
+def _answer_grid(model, tokenizer, processor, world, path: Path, n: int = 12) -> Path:
     from polymodal.eval.grids import labelled_grid
-    from polymodal.infer.generate import generate
 
-    images, labels, correct = [], [], []
-    for scene in world.scenes(n):
-        qa = scene.questions()[scene.index % len(scene.questions())]
-        prompt = world_qa_text(scene, qa)[0]
-        out = generate(model, [tokenizer.encode(prompt)], max_new_tokens=8, stop_strings=("\n",), tokenizer=tokenizer)[0]
-        answer = tokenizer.decode(out, skip_special_tokens=True).split("\n")[0].strip()
-        images.append(scene.image(128))
-        labels.append([qa.question, f"model: {answer}  (truth: {qa.answer})"])
-        correct.append(answer == qa.answer)
-    return labelled_grid(images, labels, path, correct)
+    scenes = list(world.scenes(n))
+    qas = [s.questions()[s.index * 7 % len(s.questions())] for s in scenes]
+    answers = answer_questions(model, tokenizer, processor, [(s.image(), qa.question) for s, qa in zip(scenes, qas)])
+    labels = [[qa.question, f"model: {a}  (truth: {qa.answer})"] for qa, a in zip(qas, answers)]
+    return labelled_grid([s.image(128) for s in scenes], labels, path, [a == qa.answer for qa, a in zip(qas, answers)])

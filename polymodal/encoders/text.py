@@ -42,6 +42,9 @@ class TextEncoderConfig:
     causal: bool = True  # CLIP: causal; SigLIP: bidirectional
     pool: str = "eos"  # "eos" (CLIP), "last" (SigLIP), "mean" (over attended tokens) or "cls" (position 0)
     eos_token_id: int = 49407
+    # None: transformers' rule (argmax of the ids when eos_token_id == 2, else the first eos).
+    # False forces the first-eos rule, for tokenizers whose real eos id is 2 (the world tokenizer).
+    legacy_eos_argmax: bool | None = None
     head: bool = False  # SigLIP's text `head` linear applied to the pooled feature
     projection_size: int | None = None  # output width of `head` (SigLIP's projection_size); None = hidden_size
 
@@ -72,11 +75,13 @@ def text_attention_mask(attention_mask: torch.Tensor | None, causal: bool, lengt
 
 
 def pool_tokens(hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                pool: str, eos_token_id: int) -> torch.Tensor:
+                pool: str, eos_token_id: int, legacy_eos_argmax: bool | None = None) -> torch.Tensor:
     """Pool hidden (B, T, D) to (B, D) by the rule `pool` (see the module docstring)."""
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     if pool == "eos":
-        if eos_token_id == LEGACY_CLIP_EOS_ID:
+        if legacy_eos_argmax is None:
+            legacy_eos_argmax = eos_token_id == LEGACY_CLIP_EOS_ID
+        if legacy_eos_argmax:
             index = input_ids.to(torch.int).argmax(dim=-1)
         else:
             index = (input_ids.to(torch.int) == eos_token_id).int().argmax(dim=-1)
@@ -122,7 +127,7 @@ class TextTransformer(nn.Module):
         x = self.token_embedding(input_ids) + self.position_embedding[:length]  # (B, T, D)
         x = self.encoder(x, mask=text_attention_mask(attention_mask, c.causal, length))
         x = self.final_norm(x)
-        pooled = pool_tokens(x, input_ids, attention_mask, c.pool, c.eos_token_id)  # (B, D)
+        pooled = pool_tokens(x, input_ids, attention_mask, c.pool, c.eos_token_id, c.legacy_eos_argmax)  # (B, D)
         if self.head is not None:
             pooled = self.head(pooled)
         return TextEncoderOutput(x, pooled)

@@ -40,7 +40,9 @@ def run_eval(args: argparse.Namespace) -> dict[str, float]:
     metrics = evaluate(model, tokenizer, data=args.data, split=args.split, n=args.n)
     width = max(len(k) for k in metrics)
     for key, value in metrics.items():
-        print(f"  {key:<{width}}  {100 * value:6.2f}%" if 0.0 <= value <= 1.0 else f"  {key:<{width}}  {value:.4f}")
+        # Accuracies and recalls read best as percentages; CIDEr lives on a 0-10 scale.
+        as_percent = 0.0 <= value <= 1.0 and not key.startswith("cider")
+        print(f"  {key:<{width}}  {100 * value:6.2f}%" if as_percent else f"  {key:<{width}}  {value:.4f}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)

@@ -50,7 +50,7 @@ def generate(model, input_ids, *, max_new_tokens: int = 64, temperature: float =
              top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None, stop_strings: Sequence[str] = (),
              tokenizer=None, on_token: Callable[[int, int], None] | None = None, use_cache: bool = True,
              seed: int | None = None, inputs_embeds: torch.Tensor | None = None,
-             attention_mask: torch.Tensor | None = None) -> list[list[int]]:
+             attention_mask: torch.Tensor | None = None, suppress_tokens: Sequence[int] = ()) -> list[list[int]]:
     """Generate up to `max_new_tokens` per prompt; returns the new token ids of each row.
 
     input_ids: a (B, T) tensor or a list of ragged token lists (left-padded internally).
@@ -61,6 +61,7 @@ def generate(model, input_ids, *, max_new_tokens: int = 64, temperature: float =
     use_cache: False recomputes the full sequence each step (the oracle for the cached path).
     inputs_embeds (B, T, D) + attention_mask (B, T): prefill from embeddings (multimodal prompts);
         input_ids then only supply the batch size.
+    suppress_tokens: ids never generated (e.g. an `<image>` placeholder, which a reply cannot fill).
     """
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the continuation")
@@ -81,8 +82,12 @@ def generate(model, input_ids, *, max_new_tokens: int = 64, temperature: float =
                 attention_mask=mask if padded else None, kv_cache=cache, logits_to_keep=1)
     new_tokens: list[list[int]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    suppress = torch.tensor(list(suppress_tokens), dtype=torch.long, device=device)
     for _ in range(max_new_tokens):
-        next_ids = sample_next_token(out.logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+        logits = out.logits[:, -1]  # (B, V)
+        if suppress.numel():
+            logits = logits.index_fill(-1, suppress, float("-inf"))
+        next_ids = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
         for row in (~done).nonzero().flatten().tolist():
             token = int(next_ids[row])
             new_tokens[row].append(token)

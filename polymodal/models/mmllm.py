@@ -112,7 +112,13 @@ class MultimodalLM(nn.Module):
         device = self.lm.embed_tokens.weight.device
         embeds = self.embed(ids.to(device), None if pixel_values is None else pixel_values.to(device),
                             attention_mask=mask.to(device))
-        return generate(self, ids, inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        return generate(self, ids, inputs_embeds=embeds, attention_mask=mask,
+                        suppress_tokens=self.generation_suppressed_tokens(), **kwargs)
+
+    def generation_suppressed_tokens(self) -> tuple[int, ...]:
+        """Ids a reply must never contain: the `<image>` placeholder (a reply carries no pixels)."""
+        placeholder = self.config.image_token_id
+        return (placeholder,) if 0 <= placeholder < self.config.lm.vocab_size else ()
 
 
 def mmllm_tiny() -> MMLLMConfig:

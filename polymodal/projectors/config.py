@@ -16,6 +16,8 @@ class ProjectorConfig:
     cross_attention_every: Q-Former layers with cross-attention to the image (1 = every layer).
     instruction_aware: InstructBLIP — the instruction text enters the Q-Former (needs
     `text_vocab_size` and `max_text_positions` for its own word/position embeddings).
+    vision_norm_eps: eps of the Q-Former's LayerNorm on the image features (BLIP-2's
+    `vision_model.post_layernorm`, LAVIS's `ln_vision`), separate from the Q-Former's own eps.
     """
 
     kind: str = "mlp"
@@ -30,3 +32,4 @@ class ProjectorConfig:
     instruction_aware: bool = False
     text_vocab_size: int = 0
     max_text_positions: int = 512
+    vision_norm_eps: float = 1e-6

@@ -34,6 +34,7 @@ def test_pool_eos_first_occurrence_and_legacy_argmax():
     assert pool_tokens(hidden, ids, None, "eos", 9)[:, 0].tolist() == [2.0, 6.0]  # first 9 in each row
     legacy = torch.tensor([[5, 70, 1, 0, 0], [80, 2, 3, 0, 0]])
     assert pool_tokens(hidden, legacy, None, "eos", 2)[:, 0].tolist() == [1.0, 5.0]  # argmax id
+    assert pool_tokens(hidden, legacy, None, "eos", 2, legacy_eos_argmax=False)[:, 0].tolist() == [0.0, 6.0]
 
 
 def test_pool_last_cls_mean():
@@ -58,10 +59,10 @@ def test_causal_tower_ignores_padding_and_future_tokens():
 def test_clip_text_parity_with_transformers():
     torch.manual_seed(0)
     hf_cfg = transformers.CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, max_position_embeddings=16, eos_token_id=99)
+                                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=98, eos_token_id=99, pad_token_id=0)
     hf = transformers.CLIPTextModel(hf_cfg).eval()
     ours = TextTransformer(_tiny()).eval()
-    _copy_hf_text(ours, hf.text_model)
+    _copy_hf_text(ours, hf)
     ids = torch.tensor([[3, 10, 11, 99, 0, 0], [3, 12, 13, 14, 15, 99]])
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
     with torch.no_grad():
@@ -73,11 +74,12 @@ def test_clip_text_parity_with_transformers():
 def test_siglip_text_parity_with_transformers():
     torch.manual_seed(0)
     hf_cfg = transformers.SiglipTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4, max_position_embeddings=16, projection_size=24)
+                                           num_attention_heads=4, max_position_embeddings=16, projection_size=24,
+                                           bos_token_id=98, eos_token_id=99, pad_token_id=0)
     hf = transformers.SiglipTextModel(hf_cfg).eval()
     ours = TextTransformer(_tiny(act="gelu_tanh", norm_eps=1e-6, causal=False, pool="last", head=True,
                                  projection_size=24)).eval()
-    _copy_hf_text(ours, hf.text_model)
+    _copy_hf_text(ours, hf)
     ids = torch.randint(0, 100, (2, 16))
     with torch.no_grad():
         want, got = hf(input_ids=ids), ours(ids)

@@ -34,10 +34,3 @@ def test_unknown_override_is_named(tmp_path, capsys):
     assert main(["train", str(CONFIG), "train.no_such_key=1"]) == 2
     assert "no_such_key" in capsys.readouterr().err
 
-
-def test_quickstart_smoke(tmp_path):
-    from polymodal.quickstart import quickstart
-
-    table = quickstart(minutes=0.05, out=tmp_path / "qs", eval_scenes=2)
-    assert set(table) >= {"color", "shape", "all"}
-    assert (tmp_path / "qs" / "loss.png").exists() and (tmp_path / "qs" / "examples.png").exists()

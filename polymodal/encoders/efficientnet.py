@@ -55,7 +55,8 @@ class EfficientNetConfig:
 
 @dataclass
 class EfficientNetOutput:
-    """last_hidden_state (B, h*w, C_head) final feature map as tokens; pooler_output (B, C_head); logits (B, classes) or None."""
+    """last_hidden_state (B, h*w, C_head): the final feature map as tokens; pooler_output (B, C_head);
+    logits (B, num_classes) or None."""
 
     last_hidden_state: torch.Tensor
     pooler_output: torch.Tensor
@@ -72,7 +73,7 @@ def same_padding(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
 
 
 class ConvNormAct(nn.Module):
-    """conv (no bias, TF-SAME padding) -> BatchNorm -> ReLU6 (or no activation). (B, C_in, H, W) -> (B, C_out, H/s, W/s)."""
+    """conv (no bias, TF-SAME padding) -> BatchNorm -> ReLU6 (or none). (B, C_in, H, W) -> (B, C_out, H/s, W/s)."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1,
                  eps: float = 1e-3, act: bool = True):

@@ -25,9 +25,10 @@ def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 256) 
     """L2-normalised text embeddings (N, E) of `texts` (tokenized + eos, padded per chunk)."""
     model.eval()
     limit, out = max_text_tokens(model), []
+    special = model.config.text_tower != "transformer"  # pretrained towers keep their special tokens
     device = next(model.parameters()).device
     for start in range(0, len(texts), batch_size):
-        ids, mask = tokenize_captions(tokenizer, texts[start:start + batch_size], limit)
+        ids, mask = tokenize_captions(tokenizer, texts[start:start + batch_size], limit, special)
         out.append(F.normalize(model.encode_text(ids.to(device), mask.to(device)).float(), dim=-1))
     return torch.cat(out).cpu()
 

@@ -1,6 +1,7 @@
 """Checkpoint interop: import/export Hugging Face folders, import GGUF files, detect formats.
 
-    import_hf(folder, dtype) -> (DecoderLM | VisionTransformer, TextTokenizer | None)
+    import_hf(folder, dtype) -> (DecoderLM | VisionTransformer | ContrastiveModel | BertEncoder | MultimodalLM,
+                                TextTokenizer | None)
     export_hf(model, folder, tokenizer=None, max_shard_bytes=None) -> Path
     import_gguf(path, dtype) -> (DecoderLM, TextTokenizer)
     detect_format(path) -> "polymodal" | "hf" | "gguf"

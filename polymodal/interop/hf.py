@@ -3,7 +3,8 @@
 Supported architectures: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (-> `DecoderLM`),
 CLIP / SigLIP vision towers (-> `VisionTransformer`), full CLIPModel / SiglipModel (-> the `clip`
 family's `ContrastiveModel`) and BertModel (-> `BertEncoder`). The per-family config and name maps
-live in `hf_lm`, `hf_vit`, `hf_clip` and `hf_bert`.
+live in `hf_lm`, `hf_vit`, `hf_clip` and `hf_bert`. LlavaForConditionalGeneration (import and export)
+and Blip2 / InstructBlipForConditionalGeneration (import) -> `MultimodalLM`, see `hf_llava` / `hf_blip2`.
 """
 from __future__ import annotations
 
@@ -120,8 +121,8 @@ def hf_family(cfg: dict, source: str) -> str:
 
 
 def import_hf(folder: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, TextTokenizer | None]:
-    """Load an HF model folder as (DecoderLM | VisionTransformer | ContrastiveModel | BertEncoder in eval
-    mode, tokenizer or None).
+    """Load an HF model folder as (DecoderLM | VisionTransformer | ContrastiveModel | BertEncoder |
+    MultimodalLM in eval mode, tokenizer or None).
 
     Weights are read from model.safetensors or the shards of model.safetensors.index.json and
     cast to `dtype`. The tokenizer is loaded when the folder has a tokenizer.json. Raises
@@ -161,9 +162,9 @@ def export_hf(model: nn.Module, folder: str | Path, tokenizer: TextTokenizer | N
 
     DecoderLM -> LlamaForCausalLM (Qwen2ForCausalLM when attention_bias); VisionTransformer ->
     CLIPVisionModel or SiglipVisionModel by its layout; ContrastiveModel -> CLIPModel or SiglipModel
-    by its layout; BertEncoder -> BertModel. Weights go to model.safetensors, or to
-    shards plus model.safetensors.index.json above `max_shard_bytes`. The folder is replaced as a
-    whole and atomically (see `atomic_folder`).
+    by its layout; BertEncoder -> BertModel; MultimodalLM (MLP projector) -> LlavaForConditionalGeneration.
+    Weights go to model.safetensors, or to shards plus model.safetensors.index.json above
+    `max_shard_bytes`. The folder is replaced as a whole and atomically (see `atomic_folder`).
     """
     if isinstance(model, DecoderLM):
         cfg = hf_config_from_decoder(model.config)

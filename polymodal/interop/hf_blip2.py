@@ -81,6 +81,7 @@ _RESHAPED = {
     "vision_model.embeddings.position_embedding": "vision.position_embedding",
     "query_tokens": "projector.query_tokens",
 }
+_RESHAPED_OURS = {ours: hf for hf, ours in _RESHAPED.items()}
 _QKV = "vision_model.encoder.layers.{}.self_attn.qkv"
 _LM_PREFIX = "language_model."
 _TEXT_FFN = re.compile(r"^qformer\.encoder\.layer\.\d+\.(intermediate|output)\.")
@@ -139,7 +140,7 @@ def _expected_hf_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
             shape = tensor.shape
             out[_QKV.format(parts[3]) + "." + parts[6]] = (3 * shape[0], *shape[1:])
             continue
-        reshaped = {ours: hf for hf, ours in _RESHAPED.items()}.get(name)
+        reshaped = _RESHAPED_OURS.get(name)
         if reshaped is not None:
             out[reshaped] = (1, *tensor.shape) if tensor.dim() == 2 else (1, 1, *tensor.shape)
             continue
@@ -170,10 +171,11 @@ def blip2_state_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, sour
     if not vision_qkv_bias:  # qkv_bias=false: our always-biased projections get zero biases
         expected = {k: s for k, s in expected.items() if not k.endswith("self_attn.qkv.bias")}
     check_tensor_names(expected, {k: t.shape for k, t in rest.items()}, source)
+    ours_state = model.state_dict()
     state = {}
     for name, tensor in rest.items():
         if name in _RESHAPED:
-            state[_RESHAPED[name]] = tensor.reshape(model.state_dict()[_RESHAPED[name]].shape)
+            state[_RESHAPED[name]] = tensor.reshape(ours_state[_RESHAPED[name]].shape)
         elif ".self_attn.qkv." in name:
             layer, kind = name.split(".")[3], name.rsplit(".", 1)[1]
             for proj, part in zip("qkv", tensor.chunk(3, dim=0), strict=True):
@@ -181,7 +183,7 @@ def blip2_state_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, sour
         else:
             state[BLIP2_NAMES.to_ours(name)] = tensor
     if not vision_qkv_bias:
-        for name, tensor in model.state_dict().items():
+        for name, tensor in ours_state.items():
             if name.startswith("vision.encoder.") and name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
                 state[name] = torch.zeros_like(tensor)
     if not lm:

@@ -17,7 +17,13 @@ import torch
 import torch.nn as nn
 
 from polymodal.encoders.text import TextEncoderConfig
-from polymodal.interop.hf_vit import hf_config_from_vit, vit_config_from_hf, vit_layout, vit_state_from_hf, vit_state_to_hf
+from polymodal.interop.hf_vit import (
+    hf_config_from_vit,
+    vit_config_from_hf,
+    vit_layout,
+    vit_state_from_hf,
+    vit_state_to_hf,
+)
 from polymodal.interop.namemap import NameMap, check_tensor_names
 from polymodal.models.contrastive import ContrastiveConfig
 
@@ -59,7 +65,8 @@ def contrastive_kind(cfg: dict, source: str) -> str:
     """"clip" or "siglip" for a full-model HF config.json dict."""
     kind = cfg.get("model_type")
     if kind not in CONTRASTIVE_MODEL_TYPES:
-        raise ValueError(f"{source}: model_type {kind!r} is not a full contrastive model {list(CONTRASTIVE_MODEL_TYPES)}")
+        raise ValueError(f"{source}: model_type {kind!r} is not a full contrastive model "
+                         f"{list(CONTRASTIVE_MODEL_TYPES)}")
     return kind
 
 
@@ -68,7 +75,8 @@ def text_config_from_hf(kind: str, text: dict, source: str) -> TextEncoderConfig
     t = {**_TEXT_DEFAULTS[kind], **{k: v for k, v in text.items() if v is not None}}
     act = _ACT_FROM_HF.get(t["hidden_act"])
     if act is None:
-        raise ValueError(f"{source}: text_config.hidden_act {t['hidden_act']!r} is not supported ({sorted(_ACT_FROM_HF)})")
+        raise ValueError(f"{source}: text_config.hidden_act {t['hidden_act']!r} is not supported "
+                         f"({sorted(_ACT_FROM_HF)})")
     common = dict(vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], num_layers=t["num_hidden_layers"],
                   num_heads=t["num_attention_heads"], intermediate_size=t["intermediate_size"],
                   max_positions=t["max_position_embeddings"], act=act, norm_eps=float(t["layer_norm_eps"]),
@@ -89,7 +97,10 @@ def contrastive_config_from_hf(cfg: dict, tensors: dict[str, torch.Tensor], sour
     vision = vit_config_from_hf(cfg, source)
     text = text_config_from_hf(kind, cfg.get("text_config") or {}, source)
     scale = tensors.get("logit_scale")
-    scale_init = float(scale.reshape(())) if scale is not None else cfg.get("logit_scale_init_value", CLIP_LOGIT_SCALE_INIT)
+    if scale is not None:
+        scale_init = float(scale.reshape(()))
+    else:
+        scale_init = float(cfg.get("logit_scale_init_value", CLIP_LOGIT_SCALE_INIT))
     max_scale = max(100.0, math.ceil(math.exp(scale_init)))
     if kind == "clip":
         return ContrastiveConfig(image_tower="vit", vision=vision, text_tower="transformer", text=text,
@@ -170,7 +181,8 @@ def contrastive_state_to_hf(state: dict[str, torch.Tensor], layout: str) -> dict
     return out
 
 
-def contrastive_state_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
+def contrastive_state_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module,
+                              source: str) -> dict[str, torch.Tensor]:
     """HF CLIPModel / SiglipModel tensors -> a `ContrastiveModel` state dict, checked in HF names first.
 
     CLIP has no logit bias: the model keeps its own (unused by the "clip" loss). Raises

@@ -1,2 +1,1 @@
-"""Model families: one module per family, each registering itself in `registry` on import."""
-from polymodal.models import lm, mmllm, vit  # noqa: F401  (registration side effects)
+"""Model families: one module per family, each listed in `registry.BUILTIN_FAMILY_MODULES`."""

@@ -104,14 +104,20 @@ class MultimodalLM(nn.Module):
         return self.lm.new_kv_cache(batch_size, max_len)
 
     @torch.no_grad()
-    def generate(self, input_ids, pixel_values: torch.Tensor | None = None, **kwargs) -> list[list[int]]:
-        """Generate from prompts holding image placeholders; kwargs as `polymodal.infer.generate.generate`."""
+    def generate(self, input_ids, pixel_values: torch.Tensor | None = None, projector_inputs: dict | None = None,
+                 **kwargs) -> list[list[int]]:
+        """Generate from prompts holding image placeholders; kwargs as `polymodal.infer.generate.generate`.
+
+        projector_inputs: extra projector arguments, e.g. InstructBLIP's `qformer_input_ids` /
+        `qformer_attention_mask` (one row per image).
+        """
         from polymodal.infer.generate import generate, left_pad
 
         ids, mask = left_pad(input_ids, pad_id=0)
         device = self.lm.embed_tokens.weight.device
         embeds = self.embed(ids.to(device), None if pixel_values is None else pixel_values.to(device),
-                            attention_mask=mask.to(device))
+                            attention_mask=mask.to(device),
+                            **{k: v.to(device) for k, v in (projector_inputs or {}).items()})
         return generate(self, ids, inputs_embeds=embeds, attention_mask=mask,
                         suppress_tokens=self.generation_suppressed_tokens(), **kwargs)
 

@@ -7,6 +7,7 @@ to rebuild a model from the `family` name stored in a polymodal checkpoint's `co
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -80,6 +81,18 @@ def config_from_dict(config_cls: type, data: dict) -> Any:
     return config_cls(**kwargs)
 
 
+# One line per built-in family module; importing it runs its `register` call. Imported lazily,
+# on the first registry lookup, so that importing any one module never drags in every family.
+BUILTIN_FAMILY_MODULES = (
+    "polymodal.models.lm",
+    "polymodal.models.vit",
+    "polymodal.models.bert",
+    "polymodal.models.contrastive",
+    "polymodal.models.mmllm",
+)
+
+
 def _import_builtin_families() -> None:
     """Import the built-in family modules so their `register` calls run."""
-    import polymodal.models  # noqa: F401  (its __init__ imports every family module)
+    for module in BUILTIN_FAMILY_MODULES:
+        importlib.import_module(module)

@@ -76,7 +76,8 @@ class QFormerProjector(nn.Module):
         if c.cross_attention_every < 1:
             raise ValueError(f"ProjectorConfig.cross_attention_every must be >= 1, got {c.cross_attention_every}")
         if c.instruction_aware and c.text_vocab_size <= 0:
-            raise ValueError("ProjectorConfig.instruction_aware needs text_vocab_size > 0 (the Q-Former's own vocabulary)")
+            raise ValueError("ProjectorConfig.instruction_aware needs text_vocab_size > 0 "
+                             "(the Q-Former's own vocabulary)")
         self.num_queries = c.num_queries
         self.vision_norm = nn.LayerNorm(vision_dim, eps=c.vision_norm_eps)
         self.query_tokens = nn.Parameter(torch.randn(c.num_queries, hidden) * 0.02)

@@ -61,13 +61,19 @@ class ClipRecipeConfig:
     text_init_from: str | None = None
 
 
-def tokenize_captions(tokenizer, texts: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids + eos, right-padded: (input_ids (N, T), attention_mask (N, T)), T <= max_tokens.
+def tokenize_captions(tokenizer, texts: Sequence[str], max_tokens: int,
+                      special_tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids and mask: (input_ids (N, T), attention_mask (N, T)), T <= max_tokens.
 
-    Captions longer than max_tokens are cut, keeping the eos as the last token.
+    special_tokens=False (our text tower): the plain ids + eos, where the tower pools; cut captions
+    keep the eos last. True (a pretrained BERT tower): the tokenizer's own special tokens
+    ([CLS] ... [SEP]), as the tower was trained with.
     """
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    rows = [ids[:max_tokens - 1] + [eos] for ids in tokenizer.encode_batch(list(texts))]
+    if special_tokens:
+        rows = [ids[:max_tokens] for ids in tokenizer.encode_batch(list(texts), add_special_tokens=True)]
+    else:
+        rows = [ids[:max_tokens - 1] + [eos] for ids in tokenizer.encode_batch(list(texts))]
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), pad if pad is not None else eos, dtype=torch.long)
     mask = torch.zeros(len(rows), length, dtype=torch.long)
@@ -88,11 +94,12 @@ class WorldPairs:
 
     def __init__(self, tokenizer, batch_size: int, image_size: int, max_tokens: int,
                  styles: Sequence[str] = ("short", "detailed"), background: str = "plain",
-                 split: str = "train", seed: int = 0):
+                 split: str = "train", seed: int = 0, special_tokens: bool = False):
         from polymodal.data.world import World
 
         self.world = World(split, image_size=image_size, num_objects=(1, 1), background=background, seed=seed)
         self.tokenizer, self.batch_size, self.max_tokens = tokenizer, batch_size, max_tokens
+        self.special_tokens = special_tokens
         self.styles = list(styles)
         bad = [s for s in self.styles if s not in ("short", "detailed")]
         if bad or not self.styles:
@@ -105,7 +112,7 @@ class WorldPairs:
         for scene in scenes:
             style = self.styles[int(rng.integers(len(self.styles)))]
             texts.append(scene.caption(style, variant=int(rng.integers(4 if style == "short" else 3))))
-        input_ids, mask = tokenize_captions(self.tokenizer, texts, self.max_tokens)
+        input_ids, mask = tokenize_captions(self.tokenizer, texts, self.max_tokens, self.special_tokens)
         pixels = pixels_from_uint8(np.stack([s.render() for s in scenes]))
         return {"pixel_values": pixels, "input_ids": input_ids, "attention_mask": mask}
 
@@ -113,12 +120,14 @@ class WorldPairs:
 class FashionPairs:
     """batch_fn for Fashion-MNIST: batch i draws B train images (epoch-wise permutation) and templates."""
 
-    def __init__(self, tokenizer, batch_size: int, max_tokens: int, split: str = "train", seed: int = 0):
+    def __init__(self, tokenizer, batch_size: int, max_tokens: int, split: str = "train", seed: int = 0,
+                 special_tokens: bool = False):
         from polymodal.data.formats.idx import FASHION_MNIST_CLASSES, FashionMNIST
 
         data = FashionMNIST(split)
         self.images, self.labels = data.images, data.labels.astype(np.int64)
         self.tokenizer, self.batch_size, self.max_tokens, self.seed = tokenizer, batch_size, max_tokens, seed
+        self.special_tokens = special_tokens
         self.names = [name.lower() for name in FASHION_MNIST_CLASSES]
 
     def __call__(self, index: int) -> dict:
@@ -129,7 +138,7 @@ class FashionPairs:
         rng = np.random.default_rng([self.seed, index, 11])
         texts = [FASHION_TEMPLATES[int(rng.integers(len(FASHION_TEMPLATES)))].format(self.names[label])
                  for label in self.labels[idx]]
-        input_ids, mask = tokenize_captions(self.tokenizer, texts, self.max_tokens)
+        input_ids, mask = tokenize_captions(self.tokenizer, texts, self.max_tokens, self.special_tokens)
         return {"pixel_values": pixels_from_uint8(self.images[idx]), "input_ids": input_ids, "attention_mask": mask}
 
 
@@ -177,12 +186,13 @@ def max_text_tokens(model: ContrastiveModel) -> int:
 
 def clip_batches(config: ClipRecipeConfig, model: ContrastiveModel, tokenizer) -> IndexedBatches:
     """The resumable training stream for `config.data`."""
-    d = config.data
+    d, special = config.data, config.model.text_tower != "transformer"
     if d.source == "world":
         fn = WorldPairs(tokenizer, d.batch_size, image_size_of(config.model), max_text_tokens(model),
-                        d.caption_styles, d.background, seed=config.train.seed)
+                        d.caption_styles, d.background, seed=config.train.seed, special_tokens=special)
     else:
-        fn = FashionPairs(tokenizer, d.batch_size, max_text_tokens(model), seed=config.train.seed)
+        fn = FashionPairs(tokenizer, d.batch_size, max_text_tokens(model), seed=config.train.seed,
+                          special_tokens=special)
     return IndexedBatches(fn)
 
 

@@ -234,7 +234,9 @@ def run_mmllm_recipe(path: str | Path, overrides: Sequence[str] = ()) -> TrainRe
 @torch.no_grad()
 def answer_questions(model: MultimodalLM, tokenizer, processor: ImageProcessor, items: list[tuple],
                      batch_size: int = 64, max_new_tokens: int = 8) -> list[str]:
-    """Greedy answers to (image, question) pairs: one user turn "<image>\\n" + question each."""
+    """Greedy answers to (image, question) pairs: one user turn "<image>\\n" + question each.
+
+    (The full evaluation with per-type accuracy and captioning is `polymodal.eval.mmllm`.)"""
     model.eval()
     answers: list[str] = []
     eos = tokenizer.eos_token_id
@@ -247,20 +249,3 @@ def answer_questions(model: MultimodalLM, tokenizer, processor: ImageProcessor, 
         answers += [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
     return answers
 
-
-def vqa_accuracy(model: MultimodalLM, tokenizer, processor: ImageProcessor, world, n: int,
-                 batch_size: int = 64) -> dict[str, float]:
-    """Exact-match accuracy per question type (and "all") over every question of `n` scenes of `world`."""
-    items, truth = [], []
-    for scene in world.scenes(n):
-        image = scene.image()
-        for qa in scene.questions():
-            items.append((image, qa.question))
-            truth.append((qa.answer, qa.qtype))
-    answers = answer_questions(model, tokenizer, processor, items, batch_size)
-    hits: dict[str, list[bool]] = {}
-    for answer, (expected, qtype) in zip(answers, truth):
-        hits.setdefault(qtype, []).append(answer == expected)
-    table = {q: sum(v) / len(v) for q, v in sorted(hits.items())}
-    table["all"] = sum(sum(v) for v in hits.values()) / max(1, len(answers))
-    return table

@@ -74,6 +74,10 @@ class TextTokenizer:
         unk_token: str | None = None,
         chat_template: str | None = None,
     ):
+        # Some tokenizer.json files (e.g. sentence-transformers') switch on padding/truncation;
+        # our contract is ragged ids with nothing added, as transformers' encode() returns.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         self._tok = tokenizer
         self._roles: dict[str, str | None] = {}
         for role, token in zip(_ROLES, (bos_token, eos_token, pad_token, unk_token), strict=True):

@@ -32,6 +32,11 @@ MILITARY_UNIFORM = 652  # ImageNet-1k class index
 
 
 @pytest.fixture(scope="module")
+def tensors() -> dict[str, torch.Tensor]:
+    return read_pth_state_dict(efficientnet_lite0_pth_path())
+
+
+@pytest.fixture(scope="module")
 def model() -> EfficientNet:
     return load_efficientnet_pth(efficientnet_lite0_pth_path())
 
@@ -55,8 +60,7 @@ def _synthetic() -> torch.Tensor:
     return torch.stack([red, board])
 
 
-def test_every_file_tensor_maps_onto_the_module():
-    tensors = read_pth_state_dict(efficientnet_lite0_pth_path())
+def test_every_file_tensor_maps_onto_the_module(tensors):
     model = EfficientNet(EfficientNetConfig())
     state = efficientnet_state_from_pth(tensors, model, "lite0.pth")
     assert len(tensors) == 296
@@ -64,15 +68,14 @@ def test_every_file_tensor_maps_onto_the_module():
     assert all(PTH_NAMES.to_foreign(PTH_NAMES.to_ours(n)) == n for n in tensors)
 
 
-def test_batchnorm_statistics_are_loaded(model):
-    tensors = read_pth_state_dict(efficientnet_lite0_pth_path())
+def test_batchnorm_statistics_are_loaded(model, tensors):
     torch.testing.assert_close(model.stem.norm.running_var, tensors["_bn0.running_var"])
     torch.testing.assert_close(model.head.norm.running_mean, tensors["_bn1.running_mean"])
     assert (model.stem.norm.running_var - 1).abs().max() > 0.1  # not the fresh-module default
 
 
-def test_wrong_shaped_tensor_is_named(tmp_path):
-    tensors = read_pth_state_dict(efficientnet_lite0_pth_path())
+def test_wrong_shaped_tensor_is_named(tensors, tmp_path):
+    tensors = dict(tensors)
     tensors["_blocks.3._depthwise_conv.weight"] = torch.zeros(144, 1, 3, 3)
     del tensors["_fc.bias"]
     path = tmp_path / "broken.pth"

@@ -135,7 +135,7 @@ def _rewrite_config(folder, tmp_path, edit) -> None:
 
 
 def test_blip2_unsupported_configs_name_the_field(blip, tmp_path):
-    kind, _, folder = blip
+    _, _, folder = blip
     _rewrite_config(folder, tmp_path, lambda c: c["text_config"].update(model_type="opt"))
     with pytest.raises(ValueError, match="text_config.model_type 'opt'"):
         import_hf(tmp_path)
@@ -148,10 +148,21 @@ def test_blip2_unsupported_configs_name_the_field(blip, tmp_path):
 
 
 def test_blip2_weight_errors_name_the_tensor(blip, tmp_path):
-    kind, _, folder = blip
+    _, _, folder = blip
     tensors = load_file(str(folder / "model.safetensors"))
     tensors.pop("qformer.encoder.layer.2.crossattention.attention.key.weight")
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointMismatchError, match="layer.2.crossattention.attention.key.weight"):
         import_hf(tmp_path)
+
+
+def test_blip2_greedy_generation_matches_transformers(tmp_path):
+    hf = _hf_model("blip-2")
+    hf.save_pretrained(tmp_path)
+    ours, _ = import_hf(tmp_path)
+    inputs = _inputs()
+    ids = inputs["input_ids"]
+    ref = hf.generate(pixel_values=inputs["pixel_values"], input_ids=ids, max_new_tokens=5, do_sample=False)
+    got = ours.generate([row.tolist() for row in ids], inputs["pixel_values"], max_new_tokens=5)
+    assert got == ref[:, ids.shape[1]:].tolist()

@@ -124,7 +124,7 @@ def test_export_rejects_a_model_without_hf_equivalent(tmp_path):
 def test_wrong_shaped_text_tensor_is_named(saved, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    kind, hf, _ = saved
+    _, hf, _ = saved
     hf.save_pretrained(tmp_path)
     tensors = load_file(str(tmp_path / "model.safetensors"))
     name = "text_model.encoder.layers.1.mlp.fc1.weight"

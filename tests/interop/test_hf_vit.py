@@ -94,14 +94,15 @@ def test_export_loads_in_transformers(tower, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
-def test_full_model_folder_yields_its_vision_tower(kind, tmp_path):
+def test_full_model_folder_holds_the_same_vision_tower(kind, tmp_path):
     torch.manual_seed(0)
     if kind == "clip":
         hf = CLIPModel(CLIPConfig(vision_config=VISION, text_config=TEXT, projection_dim=16))
     else:
-        hf = SiglipModel(SiglipConfig(vision_config=VISION, text_config=TEXT))
+        # SigLIP has no projections: its text head must output the vision width.
+        hf = SiglipModel(SiglipConfig(vision_config=VISION, text_config=dict(TEXT, projection_size=VISION["hidden_size"])))
     randomize_(hf).save_pretrained(tmp_path)
-    ours, _ = import_hf(tmp_path)
+    ours = import_hf(tmp_path)[0].vision_model
     pixels = _pixels()
     with torch.no_grad():
         ref = hf.vision_model(pixels, output_hidden_states=True)

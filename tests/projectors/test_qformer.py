@@ -1,4 +1,4 @@
-"""QFormerProjector: shapes, gradients, cross-attention placement, the instruction-aware variant, use in MultimodalLM."""
+"""QFormerProjector: shapes, gradients, cross-attention placement, the instruction-aware variant, MultimodalLM use."""
 from __future__ import annotations
 
 import dataclasses

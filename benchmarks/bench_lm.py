@@ -25,8 +25,16 @@ import sys
 from dataclasses import asdict, dataclass
 
 import torch
+from common import (
+    Timing,
+    causal_pairs,
+    machine_info,
+    matmul_params,
+    mfu,
+    time_interleaved,
+    train_flops,
+)
 
-from common import Timing, causal_pairs, machine_info, matmul_params, mfu, time_interleaved, train_flops
 from polymodal.backbones.decoder import DecoderConfig, DecoderLM, shift_labels
 from polymodal.infer.generate import generate, left_pad
 from polymodal.sequence import IGNORE_INDEX, Document, pack_documents
@@ -118,6 +126,7 @@ def _train_step(model: torch.nn.Module, loss_fn, device: str, lr: float = 1e-4):
     losses: list[float] = []
 
     def step():
+        """zero_grad, forward loss (autocast on CUDA), backward, AdamW step."""
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device):
             loss = loss_fn()
@@ -263,9 +272,11 @@ def bench_decode(config: DecoderConfig, sizes: BenchSizes, batch_size: int, devi
     outputs = {}
 
     def run_ours():
+        """One polymodal generate call; keeps its tokens for the equality check."""
         outputs["polymodal"] = generate(ours, prompts, max_new_tokens=n_new)
 
     def run_hf():
+        """One transformers generate call; keeps its new tokens (prompt columns dropped)."""
         out = hf.generate(input_ids=hf_ids, attention_mask=hf_mask, do_sample=False, max_new_tokens=n_new,
                           min_new_tokens=n_new, eos_token_id=None, pad_token_id=0)
         outputs["transformers"] = out[:, hf_ids.shape[1]:].tolist()
@@ -299,6 +310,7 @@ def run_all(config: DecoderConfig, sizes: BenchSizes, device: str = "cpu", seed:
 def format_table(results: dict) -> str:
     """A plain-text table: median throughputs and polymodal / transformers ratios (median, best)."""
     def row(label, ours, theirs, unit, ratio, fmt=".0f"):
+        """One table row: label, both throughputs, median and best ratios."""
         return (label, format(ours[unit], fmt), format(theirs[unit], fmt), f"{ratio['median']:.2f}x",
                 f"{ratio['best']:.2f}x")
 
@@ -319,12 +331,12 @@ def format_table(results: dict) -> str:
              for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     own = p["ratio_packed_vs_own_padded"]
-    extra = [f"packing win over own padding: {own['median']:.2f}x (best {own['best']:.2f}x); {p['documents']} docs, "
-             f"{p['real_tokens_per_step']} real tokens/step, lengths min/median/max {p['doc_len_min_median_max']}",
-             f"logits max |diff| {t['logits_max_abs_diff']:.2e}; first-step losses: train {t['first_loss']}, "
-             f"packed/padded {p['first_loss']}",
-             f"greedy tokens equal: B=1 {results['decode_b1']['greedy_tokens_equal_fraction']:.2f}, "
-             f"B=8 {results['decode_b8']['greedy_tokens_equal_fraction']:.2f}"]
+    extra = [(f"packing win over own padding: {own['median']:.2f}x (best {own['best']:.2f}x); {p['documents']} docs, "
+              f"{p['real_tokens_per_step']} real tokens/step, lengths min/median/max {p['doc_len_min_median_max']}"),
+             (f"logits max |diff| {t['logits_max_abs_diff']:.2e}; first-step losses: train {t['first_loss']}, "
+              f"packed/padded {p['first_loss']}"),
+             (f"greedy tokens equal: B=1 {results['decode_b1']['greedy_tokens_equal_fraction']:.2f}, "
+              f"B=8 {results['decode_b8']['greedy_tokens_equal_fraction']:.2f}")]
     if "mfu" in t["polymodal"]:
         extra.append(f"MFU train: polymodal {t['polymodal']['mfu']:.1%}, transformers {t['transformers']['mfu']:.1%}; "
                      f"packed {p['polymodal_packed']['mfu']:.1%}, HF padded {hf['mfu']:.1%}")

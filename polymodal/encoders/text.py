@@ -98,6 +98,34 @@ def pool_tokens(hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: t
     raise ValueError(f"TextEncoderConfig.pool must be one of {POOLS}, got {pool!r}")
 
 
+def pooled_position(input_ids: torch.Tensor, pool: str, eos_token_id: int,
+                    legacy_eos_argmax: bool | None = None) -> torch.Tensor | None:
+    """Index (B,) of the one token a pool rule reads ("eos", "last", "cls"); None for "mean"."""
+    b, t = input_ids.shape
+    if pool == "eos":
+        if legacy_eos_argmax is None:
+            legacy_eos_argmax = eos_token_id == LEGACY_CLIP_EOS_ID
+        ids = input_ids.to(torch.int)
+        return ids.argmax(dim=-1) if legacy_eos_argmax else (ids == eos_token_id).int().argmax(dim=-1)
+    if pool in ("last", "cls"):
+        return torch.full((b,), t - 1 if pool == "last" else 0, dtype=torch.long, device=input_ids.device)
+    return None
+
+
+def last_block_at(block: nn.Module, x: torch.Tensor, index: torch.Tensor, mask) -> torch.Tensor:
+    """The output of a pre-norm self-attention block at one position per row only.
+
+    x (B, T, D) is the block's input, index (B,) the position to compute, mask None or bool
+    (B, 1, 1, T) over keys. Keys and values still come from every token, so the result equals
+    `block(x)[rows, index]`, while the query, output projection and MLP run on one token instead
+    of T: the final layer of a tower that is only pooled needs nothing else.
+    """
+    rows = torch.arange(x.shape[0], device=x.device)
+    query = x[rows, index].unsqueeze(1)  # (B, 1, D)
+    h = query + block.attn(block.attn_norm(query), context=block.attn_norm(x), mask=mask)
+    return (h + block.mlp(block.mlp_norm(h)))[:, 0]  # (B, D)
+
+
 class TextTransformer(nn.Module):
     """input_ids (B, T), attention_mask (B, T) | None -> TextEncoderOutput. T <= config.max_positions."""
 
@@ -131,3 +159,28 @@ class TextTransformer(nn.Module):
         if self.head is not None:
             pooled = self.head(pooled)
         return TextEncoderOutput(x, pooled)
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward(...).pooler_output` (B, D) computing the last layer at the pooled token only.
+
+        Same values (up to float rounding) for the one-token pool rules; "mean" pooling needs
+        every token and takes the full forward.
+        """
+        c = self.config
+        index = pooled_position(input_ids, c.pool, c.eos_token_id, c.legacy_eos_argmax)
+        if index is None or not len(self.encoder.layers):
+            return self.forward(input_ids, attention_mask).pooler_output
+        length = input_ids.shape[1]
+        if length > c.max_positions:
+            raise ValueError(f"input_ids has {length} tokens; TextEncoderConfig.max_positions is {c.max_positions}")
+        x = self.token_embedding(input_ids) + self.position_embedding[:length]  # (B, T, D)
+        mask = text_attention_mask(attention_mask, c.causal, length)
+        for i, block in enumerate(self.encoder.layers[:-1]):
+            x = block(x, mask=mask, layer_idx=i)
+        keys = torch.arange(length, device=x.device)[None]  # (1, T)
+        allowed = keys <= index[:, None] if c.causal else torch.ones_like(keys, dtype=torch.bool)
+        if attention_mask is not None:
+            allowed = allowed & attention_mask.bool()
+        allowed = (allowed | (keys == index[:, None]))[:, None, None, :]  # (B, 1, 1, T), as text_attention_mask
+        pooled = self.final_norm(last_block_at(self.encoder.layers[-1], x, index, allowed))  # (B, D)
+        return self.head(pooled) if self.head is not None else pooled

@@ -97,33 +97,51 @@ def _world_scenes(split: str, n: int, image_size: int):
     return scenes, pixels_from_uint8(np.stack([s.render() for s in scenes]))
 
 
-def world_prompts() -> dict[str, tuple[list[str], list[list[str]]]]:
-    """attribute -> (class names, prompts per class), ensembled over the other attributes.
+WORLD_ATTRIBUTES = ("size", "color", "shape", "position")
 
-    color / shape use the short caption form ("a red circle"); position uses the detailed form
-    ("A small red circle in the top left.") over every size, color and shape.
-    """
+
+def world_prompts() -> tuple[list[tuple[str, str, str, str]], list[str]]:
+    """Every (size, color, shape, position) of a single object and its prompt, in the form of the
+    first detailed caption template: "A small red circle in the top left." (1,296 prompts)."""
     from polymodal.data.world import COLORS, POSITION_NAMES, SHAPES, SIZES
     from polymodal.data.world.text import LOCATIVES, with_article
 
-    colors, positions = list(COLORS), list(POSITION_NAMES.values())
-    return {
-        "color": (colors, [[with_article(f"{c} {s}") for s in SHAPES] for c in colors]),
-        "shape": (list(SHAPES), [[with_article(f"{c} {s}") for c in colors] for s in SHAPES]),
-        "position": (positions, [[with_article(f"{z} {c} {s}").capitalize() + f" {LOCATIVES[p]}."
-                                  for z, c, s in itertools.product(SIZES, colors, SHAPES)] for p in positions]),
-    }
+    combos = list(itertools.product(SIZES, COLORS, SHAPES, POSITION_NAMES.values()))
+    prompts = [with_article(f"{z} {c} {s}").capitalize() + f" {LOCATIVES[p]}." for z, c, s, p in combos]
+    return combos, prompts
+
+
+def marginal_logits(logits: torch.Tensor, combo_class: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class log-scores (N, C) from joint logits (N, K): logsumexp over the K combinations of each class.
+
+    With softmax(logits) read as p(combination | image), this is log p(class | image) up to a
+    per-row constant: the other attributes are marginalised out rather than averaged into one
+    prompt embedding. combo_class (K,) gives the class of each combination.
+    """
+    out = logits.new_full((logits.shape[0], num_classes), float("-inf"))
+    for c in range(num_classes):
+        out[:, c] = logits[:, combo_class == c].logsumexp(dim=1)
+    return out
 
 
 def world_zero_shot(model, tokenizer, split: str = "test", n: int = 500) -> dict[str, float]:
-    """Zero-shot color, shape and grid-position accuracy on n single-object scenes of `split`."""
+    """Zero-shot color, shape and grid-position accuracy on n single-object scenes of `split`.
+
+    The image is scored against the prompt of every attribute combination (`world_prompts`) with
+    the model's own logit scale; each attribute is the argmax of its marginal (`marginal_logits`).
+    """
     scenes, pixels = _world_scenes(split, n, image_size_of(model.config))
-    images = encode_images(model, pixels)
+    combos, prompts = world_prompts()
+    with torch.no_grad():
+        scale = model.scale().float().cpu()
+    logits = scale * encode_images(model, pixels) @ encode_texts(model, tokenizer, prompts).t()  # (N, K)
     out = {}
-    for attribute, (names, prompts) in world_prompts().items():
-        classifier = zero_shot_classifier(model, tokenizer, prompts)
+    for a, attribute in enumerate(WORLD_ATTRIBUTES[1:], start=1):
+        names = sorted({combo[a] for combo in combos}, key=[combo[a] for combo in combos].index)
+        combo_class = torch.tensor([names.index(combo[a]) for combo in combos])
         truth = torch.tensor([names.index(getattr(s.objects[0], attribute)) for s in scenes])
-        out[f"zero_shot_{attribute}"] = topk_accuracy(images @ classifier.t(), truth, ks=(1,))["top1"]
+        scores = marginal_logits(logits, combo_class, len(names))
+        out[f"zero_shot_{attribute}"] = topk_accuracy(scores, truth, ks=(1,))["top1"]
     return out
 
 

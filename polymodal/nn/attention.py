@@ -27,16 +27,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, scale: 
         from torch.nn.attention.flex_attention import flex_attention
 
         return flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-    if k.shape[1] != q.shape[1]:
-        # SDPA's enable_gqa is not supported by every CPU kernel with a mask; expanding is a view.
+    gqa = k.shape[1] != q.shape[1]
+    if gqa and isinstance(mask, torch.Tensor) and q.is_cuda:
+        # On CUDA a masked GQA call falls back to the slow math kernel; copying K/V to every
+        # query head keeps the fused kernels. On CPU SDPA broadcasts the groups itself.
         groups = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        gqa = False
     if isinstance(mask, str):
         if mask != "causal":
             raise ValueError(f"mask string must be 'causal', got {mask!r}")
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 class Attention(nn.Module):

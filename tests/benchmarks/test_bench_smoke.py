@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+# benchmarks/ is a folder of scripts, not a package: import them the way the scripts import common.py.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-import bench_lm  # noqa: E402  (benchmarks/ is a script folder, not a package)
-from common import causal_pairs, time_interleaved, train_flops  # noqa: E402
+import bench_lm
+from common import causal_pairs, time_interleaved, train_flops
 
-from polymodal.backbones.decoder import DecoderConfig  # noqa: E402
+from polymodal.backbones.decoder import DecoderConfig
 
 TINY = DecoderConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                      num_kv_heads=2, max_position_embeddings=128)

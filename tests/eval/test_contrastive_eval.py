@@ -1,8 +1,17 @@
 """Zero-shot and retrieval metrics on hand-made similarity matrices; prompt ensembling."""
+import math
+
 import pytest
 import torch
 
-from polymodal.eval.contrastive import class_embeddings, prompts_from_templates, retrieval_recall, topk_accuracy, world_prompts
+from polymodal.eval.contrastive import (
+    class_embeddings,
+    marginal_logits,
+    prompts_from_templates,
+    retrieval_recall,
+    topk_accuracy,
+    world_prompts,
+)
 
 
 def test_topk_accuracy_by_hand():
@@ -39,8 +48,16 @@ def test_prompt_ensembling_averages_then_normalises():
     assert prompts_from_templates(["cat"], ["a {}", "the {}"]) == [["a cat", "the cat"]]
 
 
-def test_world_prompts_cover_every_class():
-    prompts = world_prompts()
-    assert len(prompts["color"][0]) == 8 and prompts["color"][1][0][0] == "a red circle"
-    assert len(prompts["position"][1][0]) == 3 * 8 * 6
-    assert prompts["position"][1][0][0] == "A small red circle in the top left."
+def test_world_prompts_cover_every_combination():
+    combos, prompts = world_prompts()
+    assert len(combos) == len(prompts) == 3 * 8 * 6 * 9
+    assert combos[0] == ("small", "red", "circle", "top left")
+    assert prompts[0] == "A small red circle in the top left."
+
+
+def test_marginal_logits_sum_over_other_attributes():
+    # 4 combinations of 2 classes; class 0 owns combos 0 and 2.
+    logits = torch.tensor([[0.0, 1.0, 0.0, -5.0]])
+    scores = marginal_logits(logits, torch.tensor([0, 1, 0, 1]), 2)
+    torch.testing.assert_close(scores, torch.tensor([[math.log(2.0), math.log(math.e + math.exp(-5.0))]]))
+    assert scores.argmax().item() == 1

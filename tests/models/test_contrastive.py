@@ -55,6 +55,16 @@ def test_encode_matches_transformers_clip_features():
         torch.testing.assert_close(ours(**batch).logits_per_image, want.logits_per_image, atol=1e-4, rtol=1e-4)
 
 
+def test_pooled_only_vit_path_equals_full_forward():
+    from polymodal.models.contrastive import vit_features
+
+    model = ContrastiveModel(clip_tiny()).eval()
+    pixels = _batch(model.config)["pixel_values"]
+    full = model.vision_model(pixels).pooler_output
+    torch.testing.assert_close(vit_features(model.vision_model, pixels, pooled_only=True).pooler_output, full,
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_siglip_loss_uses_bias_and_coca_adds_caption_loss():
     siglip = ContrastiveModel(dataclasses.replace(clip_tiny(), loss="siglip"))
     batch = _batch(siglip.config)

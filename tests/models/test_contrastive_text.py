@@ -46,6 +46,18 @@ def test_pool_last_cls_mean():
     assert pool_tokens(hidden, ids, mask, "mean", 0).item() == 2.0
 
 
+def test_pooled_only_path_equals_full_forward():
+    torch.manual_seed(0)
+    ids = torch.randint(3, 98, (3, 10))
+    ids[0, 5], ids[1, 9], ids[2, 3] = 99, 99, 99
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[0, 6:], mask[2, 4:] = 0, 0
+    for options in ({}, {"causal": False, "pool": "last", "head": True}, {"pool": "cls"}, {"pool": "mean"}):
+        model = TextTransformer(_tiny(num_layers=3, **options)).eval()
+        for m in (mask, None):
+            torch.testing.assert_close(model.pooled(ids, m), model(ids, m).pooler_output, atol=1e-5, rtol=1e-5)
+
+
 def test_causal_tower_ignores_padding_and_future_tokens():
     torch.manual_seed(0)
     model = TextTransformer(_tiny()).eval()

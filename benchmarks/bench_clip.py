@@ -1,9 +1,10 @@
 """Benchmark: polymodal ContrastiveModel vs transformers CLIPModel, same config, batch and weights.
 
 Both models are built from one CLIP layout (ViT image tower, causal text tower pooled at eos,
-bias-free projections, learnable temperature); our weights are copied into transformers' model
-and the two contrastive losses are checked to agree before timing. Training steps (forward,
-InfoNCE loss, backward, AdamW) run interleaved and the median is reported as samples/s, with the
+bias-free projections, learnable temperature); transformers' model is built from ours by the
+library's HF export (`polymodal.interop.hf_clip`: config dict + renamed weights) and the two
+contrastive losses are checked to agree before timing. Training steps (forward, InfoNCE loss,
+backward, AdamW) run interleaved and the median is reported as samples/s, with the
 ratio polymodal / transformers. `--device cuda` trains under bf16 autocast and also reports
 images/s and MFU (model FLOPs: 6 * matmul params * tokens + attention, see common.py).
 
@@ -27,23 +28,8 @@ from common import machine_info, mfu, time_interleaved  # noqa: E402
 
 from polymodal.encoders.text import TextEncoderConfig  # noqa: E402
 from polymodal.encoders.vit import ViTConfig  # noqa: E402
-from polymodal.interop.hf_vit import HF_VIT_NAMES  # noqa: E402
-from polymodal.interop.namemap import NameMap  # noqa: E402
+from polymodal.interop.hf_clip import contrastive_layout, contrastive_state_to_hf, hf_config_from_contrastive  # noqa: E402
 from polymodal.models.contrastive import ContrastiveConfig, ContrastiveModel  # noqa: E402
-
-# Our text tower's names -> transformers' CLIPTextModel names (relative to `text_model.`).
-HF_TEXT_NAMES = NameMap([
-    ("embeddings.token_embedding", "token_embedding"),
-    ("embeddings.position_embedding.weight", "position_embedding"),
-    ("encoder.layers.{}.layer_norm1", "encoder.layers.{}.attn_norm"),
-    ("encoder.layers.{}.layer_norm2", "encoder.layers.{}.mlp_norm"),
-    ("encoder.layers.{}.self_attn.q_proj", "encoder.layers.{}.attn.q_proj"),
-    ("encoder.layers.{}.self_attn.k_proj", "encoder.layers.{}.attn.k_proj"),
-    ("encoder.layers.{}.self_attn.v_proj", "encoder.layers.{}.attn.v_proj"),
-    ("encoder.layers.{}.self_attn.out_proj", "encoder.layers.{}.attn.o_proj"),
-    ("encoder.layers.{}.mlp", "encoder.layers.{}.mlp"),
-    ("final_layer_norm", "final_norm"),
-])
 
 
 def bench_config(quick: bool = False) -> ContrastiveConfig:
@@ -61,34 +47,17 @@ def bench_config(quick: bool = False) -> ContrastiveConfig:
         embed_dim=256)
 
 
-def hf_name(name: str) -> str:
-    """transformers' CLIPModel name of one of our ContrastiveModel tensor names."""
-    tower, _, rest = name.partition(".")
-    if tower == "vision_model":
-        return "vision_model." + HF_VIT_NAMES.to_foreign(rest)
-    if tower == "text_model":
-        return "text_model." + HF_TEXT_NAMES.to_foreign(rest)
-    return name
-
-
 def to_hf_clip(model: ContrastiveModel):
-    """A transformers CLIPModel holding a copy of `model`'s weights (CLIP layout only)."""
+    """A transformers CLIPModel holding a copy of `model`'s weights (CLIP layout only).
+
+    Built by the library's export path (`polymodal.interop.hf_clip`): the config.json dict of
+    `hf_config_from_contrastive` and the state dict renamed by `contrastive_state_to_hf`.
+    """
     import transformers
 
-    c = model.config
-    v, t = c.vision, c.text
-    hf_config = transformers.CLIPConfig(
-        vision_config=dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                           num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads, image_size=v.image_size,
-                           patch_size=v.patch_size, num_channels=v.num_channels, hidden_act=v.act,
-                           layer_norm_eps=v.norm_eps),
-        text_config=dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                         num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
-                         max_position_embeddings=t.max_positions, hidden_act=t.act, layer_norm_eps=t.norm_eps,
-                         eos_token_id=t.eos_token_id, bos_token_id=0, pad_token_id=1),
-        projection_dim=c.embed_dim, logit_scale_init_value=c.logit_scale_init)
-    hf = transformers.CLIPModel(hf_config)
-    state = {hf_name(k): value for k, value in model.state_dict().items() if k != "logit_bias"}
+    hf_config = hf_config_from_contrastive(model.config, model.logit_scale.item())
+    hf = transformers.CLIPModel(transformers.CLIPConfig.from_dict(hf_config))
+    state = contrastive_state_to_hf(model.state_dict(), contrastive_layout(model.config))
     missing, unexpected = hf.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:

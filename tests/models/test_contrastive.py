@@ -122,3 +122,18 @@ def test_cnn_tower():
 def test_bad_tower_name_is_named():
     with pytest.raises(ValueError, match="image_tower"):
         ContrastiveModel(dataclasses.replace(clip_tiny(), image_tower="resnet"))
+
+
+def test_lit_bert_text_tower_frozen():
+    options = dict(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
+                   max_position_embeddings=16)
+    config = dataclasses.replace(clip_tiny(), text_tower="bert", text_tower_options=options, freeze_text=True)
+    model = ContrastiveModel(config).train()
+    batch = _batch(config)
+    batch["input_ids"] = batch["input_ids"] % 64
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    out = model(**batch)
+    out.loss.backward()
+    assert all(p.grad is None for p in model.text_model.parameters())
+    assert model.visual_projection.weight.grad is not None and model.text_projection.weight.grad is not None
+    assert model.encode_text(batch["input_ids"], batch["attention_mask"]).shape == (4, 32)

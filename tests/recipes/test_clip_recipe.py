@@ -1,8 +1,9 @@
-"""Recipe `clip` through the CLI on its tiny config: loss falls, the checkpoint loads and evaluates."""
+"""Recipe `clip` through the CLI: the tiny config trains, loads and evaluates; a locked pretrained tower stays put."""
 import json
 from pathlib import Path
 
-import polymodal.models.contrastive  # noqa: F401  (registers the family for checkpoint loading)
+import torch
+
 from polymodal.checkpoint import load_checkpoint
 from polymodal.cli import main
 from polymodal.eval.contrastive import world_retrieval, world_zero_shot
@@ -21,3 +22,20 @@ def test_tiny_clip_recipe_trains_and_evaluates(tmp_path):
     assert set(zero_shot) == {"zero_shot_color", "zero_shot_shape", "zero_shot_position"}
     retrieval = world_retrieval(model, tokenizer, "val", n=8)
     assert 0.0 <= retrieval["t2i_R@1"] <= retrieval["t2i_R@5"] <= 1.0
+
+
+def test_locked_efficientnet_recipe_keeps_the_imagenet_weights(tmp_path):
+    from polymodal.assets import efficientnet_lite0_pth_path
+    from polymodal.interop.efficientnet_pth import read_pth_state_dict
+
+    config = CONFIG.parent / "fashion_mnist_efficientnet.yaml"
+    out = tmp_path / "run"
+    assert main(["train", str(config), f"train.out_dir={out}", "train.steps=3", "data.batch_size=16",
+                 "model.image_tower_options={image_size: 32}", "eval_n=64"]) == 0
+    metrics = json.loads((out / "eval.json").read_text())
+    assert 0.0 <= metrics["zero_shot_top1"] <= metrics["zero_shot_top5"] <= 1.0
+    model, _ = load_checkpoint(out / "checkpoints" / "step-0000003")
+    tensors = read_pth_state_dict(efficientnet_lite0_pth_path())
+    assert model.config.freeze_image and model.config.image_tower_options == {"image_size": 32}
+    assert torch.equal(model.vision_model.blocks[3].depthwise.conv.weight, tensors["_blocks.3._depthwise_conv.weight"])
+    assert torch.equal(model.vision_model.head.norm.running_mean, tensors["_bn1.running_mean"])

@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polymodal", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("quickstart", help="train, evaluate and demo a small model end to end on the CPU")
-    p.add_argument("--minutes", type=float, default=3.0, help="training time budget")
+    p = sub.add_parser("quickstart", help="train, evaluate and demo a small multimodal LM end to end on the CPU")
+    p.add_argument("--minutes", type=float, default=9.0, help="time budget for training and evaluation")
     p.add_argument("--out", default="runs/quickstart", help="output folder")
     p.set_defaults(func=_quickstart)
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from polymodal.nn.init import init_weights
 from polymodal.nn.kv_cache import KVCache
 from polymodal.nn.norms import RMSNorm
 from polymodal.nn.rope import RotaryEmbedding
@@ -80,7 +81,7 @@ class DecoderLM(nn.Module):
         if c.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(c.resolved_head_dim, c.rope_theta, c.rope_scaling)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
@@ -153,11 +154,3 @@ def shift_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
     if attention_mask is not None:
         labels[:, :-1][attention_mask[:, 1:] == 0] = IGNORE_INDEX
     return labels
-
-
-def _init_weights(module: nn.Module) -> None:
-    """GPT-style init (normal, std 0.02) for freshly built models; imported weights overwrite it."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
-        if getattr(module, "bias", None) is not None:
-            nn.init.zeros_(module.bias)

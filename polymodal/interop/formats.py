@@ -31,12 +31,22 @@ def detect_format(path: str | Path) -> str:
     config = path / "config.json"
     if not config.is_file():
         raise ValueError(f"{path} has no config.json: not a polymodal or Hugging Face checkpoint folder")
-    try:
-        meta = json.loads(config.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config} is not valid JSON: {err}") from err
-    if isinstance(meta, dict) and meta.get("format") == "polymodal":
+    meta = read_hf_config(path)
+    if meta.get("format") == "polymodal":
         return "polymodal"
-    if isinstance(meta, dict) and ("model_type" in meta or "architectures" in meta):
+    if "model_type" in meta or "architectures" in meta:
         return "hf"
     raise ValueError(f"{config} has neither \"format\": \"polymodal\" nor an HF 'model_type'/'architectures'")
+
+def read_hf_config(folder: str | Path) -> dict:
+    """The parsed config.json of an HF folder (errors name the file)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a Hugging Face model folder: it has no config.json")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return cfg

@@ -59,6 +59,7 @@ from polymodal.interop.hf_vit import (
     vit_state_to_hf,
 )
 from polymodal.atomic import atomic_folder
+from polymodal.interop.formats import read_hf_config
 from polymodal.models.contrastive import ContrastiveModel
 from polymodal.models.mmllm import MultimodalLM
 from polymodal.interop.safetensors_io import read_hf_weights, write_hf_weights
@@ -76,19 +77,6 @@ MMLLM_IMPORTERS = {
     **{t: (blip2_config_from_hf, blip2_state_from_hf) for t in BLIP2_MODEL_TYPES},
 }
 
-
-def read_hf_config(folder: str | Path) -> dict:
-    """The parsed config.json of an HF folder (errors name the file)."""
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a Hugging Face model folder: it has no {CONFIG_FILE}")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return cfg
 
 
 def hf_family(cfg: dict, source: str) -> str:

@@ -135,6 +135,18 @@ def mmllm_tiny() -> MMLLMConfig:
     return MMLLMConfig(vision=vit_tiny(), lm=lm_tiny(), projector=ProjectorConfig(kind="mlp"), image_token_id=255)
 
 
+def mmllm_tiny_for(tokenizer) -> MMLLMConfig:
+    """`mmllm_tiny` sized to a tokenizer: its vocabulary, eos id and `<image>` placeholder id."""
+    config = mmllm_tiny()
+    config.lm.vocab_size = tokenizer.vocab_size
+    config.lm.eos_token_id = tokenizer.eos_token_id
+    image_id = tokenizer.token_to_id("<image>")
+    if image_id is None:
+        raise ValueError("the tokenizer has no '<image>' token; add it with tokenizer.add_special_tokens(['<image>'])")
+    config.image_token_id = image_id
+    return config
+
+
 def _example_batch(model: MultimodalLM) -> dict:
     c = model.config
     ids = torch.randint(0, c.lm.vocab_size - 1, (2, 6 + model.image_tokens))

@@ -5,7 +5,7 @@ import torch
 import polymodal.eval.mmllm as mmllm_eval
 from polymodal.data.world import QTYPES, World, world_tokenizer
 from polymodal.eval.mmllm import evaluate_cli, evaluate_world
-from polymodal.models.mmllm import MultimodalLM, mmllm_tiny
+from polymodal.models.mmllm import MultimodalLM, mmllm_tiny_for
 
 
 @pytest.fixture(scope="module")
@@ -15,12 +15,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    config = mmllm_tiny()
-    config.lm.vocab_size = tokenizer.vocab_size
-    config.lm.eos_token_id = tokenizer.eos_token_id
-    config.image_token_id = tokenizer.token_to_id("<image>")
     torch.manual_seed(0)
-    return MultimodalLM(config).eval()
+    return MultimodalLM(mmllm_tiny_for(tokenizer)).eval()
 
 
 def _oracle(monkeypatch, model, tokenizer, split, n, wrong_type=None):

@@ -20,7 +20,7 @@ from polymodal.infer.chat import (
     stream_chat,
 )
 from polymodal.models.lm import lm_tiny
-from polymodal.models.mmllm import MultimodalLM, mmllm_tiny
+from polymodal.models.mmllm import MultimodalLM, mmllm_tiny_for
 
 GEN = {"max_new_tokens": 8}
 
@@ -32,12 +32,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def mm_model(tokenizer):
-    config = mmllm_tiny()
-    config.lm.vocab_size = tokenizer.vocab_size
-    config.lm.eos_token_id = tokenizer.eos_token_id
-    config.image_token_id = tokenizer.token_to_id("<image>")
     torch.manual_seed(0)
-    return MultimodalLM(config).eval()
+    return MultimodalLM(mmllm_tiny_for(tokenizer)).eval()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_info, mfu, time_interleaved  # noqa: E402
+from common import machine_info, mfu, save_json, time_interleaved  # noqa: E402
 
 from polymodal.encoders.text import TextEncoderConfig  # noqa: E402
 from polymodal.encoders.vit import ViTConfig  # noqa: E402
@@ -166,9 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         extra = f"  MFU {r['mfu']:.1%}" if "mfu" in r else ""
         print(f"{name:14}{r['samples_per_s']:>20.1f}{r['samples_per_s_best']:>18.1f}{r['tflops']:>10.3f}{extra}")
     print(f"{'ratio':14}{result['ratio']['median']:>20.2f}{result['ratio']['best']:>18.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    save_json(result, args.json)
     return result
 
 

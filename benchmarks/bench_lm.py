@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import sys
@@ -31,6 +30,7 @@ from common import (
     machine_info,
     matmul_params,
     mfu,
+    save_json,
     time_interleaved,
     train_flops,
 )
@@ -367,9 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"polymodal DecoderLM vs transformers LlamaForCausalLM  ({results['params'] / 1e6:.1f}M params, "
           f"{args.device}, {results['machine']['threads']} threads)")
     print(format_table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    save_json(results, args.json)
     return results
 
 

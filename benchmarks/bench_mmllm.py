@@ -14,13 +14,12 @@ Usage: python benchmarks/bench_mmllm.py [--quick] [--device cuda] [--peak-tflops
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
 from bench_lm import _rates, _ratios, _train_step, hf_name
-from common import causal_pairs, machine_info, matmul_params, mfu, time_interleaved, train_flops
+from common import causal_pairs, machine_info, matmul_params, mfu, save_json, time_interleaved, train_flops
 from polymodal.backbones.decoder import DecoderConfig
 from polymodal.data.conversation import ImageProcessor, conversation_document
 from polymodal.encoders.vit import ViTConfig
@@ -174,9 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
         extra = f"  MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
         print(f"  {name:<20} {r['real_tokens_per_s']:9.0f} tok/s (best {r['real_tokens_per_s_best']:.0f}){extra}")
     print(f"  ratio packed / HF padded: {ratio}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    save_json(result, args.json)
     return result
 
 

@@ -6,6 +6,7 @@ scaling) hit every contender equally; the median of the timed rounds is reported
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -116,3 +117,10 @@ def machine_info(device: str) -> dict:
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def save_json(result: dict, path: str | None) -> None:
+    """Write a benchmark's result dict to `path` (nothing when path is None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from polymodal.encoders.text import TextEncoderConfig
 from polymodal.interop.hf_vit import (
+    CLIP_ENCODER_LAYER_NAMES,
     hf_config_from_vit,
     vit_config_from_hf,
     vit_layout,
@@ -47,13 +48,7 @@ CLIP_LOGIT_SCALE_INIT = 2.6592  # transformers' CLIPConfig.logit_scale_init_valu
 HF_TEXT_NAMES = NameMap([
     ("embeddings.token_embedding", "token_embedding"),
     ("embeddings.position_embedding.weight", "position_embedding"),
-    ("encoder.layers.{}.layer_norm1", "encoder.layers.{}.attn_norm"),
-    ("encoder.layers.{}.layer_norm2", "encoder.layers.{}.mlp_norm"),
-    ("encoder.layers.{}.self_attn.q_proj", "encoder.layers.{}.attn.q_proj"),
-    ("encoder.layers.{}.self_attn.k_proj", "encoder.layers.{}.attn.k_proj"),
-    ("encoder.layers.{}.self_attn.v_proj", "encoder.layers.{}.attn.v_proj"),
-    ("encoder.layers.{}.self_attn.out_proj", "encoder.layers.{}.attn.o_proj"),
-    ("encoder.layers.{}.mlp", "encoder.layers.{}.mlp"),
+    *CLIP_ENCODER_LAYER_NAMES,
     ("final_layer_norm", "final_norm"),
     ("head", "head"),
 ])

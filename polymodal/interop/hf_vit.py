@@ -27,12 +27,8 @@ _ACT_FROM_HF = {"quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "g
 _ACT_TO_HF = {"quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
 
 # Names relative to the vision tower (HF's `vision_model.` prefix is handled separately).
-HF_VIT_NAMES = NameMap([
-    ("embeddings.class_embedding", "class_embedding"),
-    ("embeddings.patch_embedding", "patch_embed.proj"),
-    ("embeddings.position_embedding.weight", "position_embedding"),
-    ("pre_layrnorm", "pre_norm"),
-    ("post_layernorm", "post_norm"),
+# transformers' CLIP/SigLIP encoder layer -> our TransformerBlock (shared by the vision and text towers).
+CLIP_ENCODER_LAYER_NAMES = [
     ("encoder.layers.{}.layer_norm1", "encoder.layers.{}.attn_norm"),
     ("encoder.layers.{}.layer_norm2", "encoder.layers.{}.mlp_norm"),
     ("encoder.layers.{}.self_attn.q_proj", "encoder.layers.{}.attn.q_proj"),
@@ -40,6 +36,15 @@ HF_VIT_NAMES = NameMap([
     ("encoder.layers.{}.self_attn.v_proj", "encoder.layers.{}.attn.v_proj"),
     ("encoder.layers.{}.self_attn.out_proj", "encoder.layers.{}.attn.o_proj"),
     ("encoder.layers.{}.mlp", "encoder.layers.{}.mlp"),
+]
+
+HF_VIT_NAMES = NameMap([
+    ("embeddings.class_embedding", "class_embedding"),
+    ("embeddings.patch_embedding", "patch_embed.proj"),
+    ("embeddings.position_embedding.weight", "position_embedding"),
+    ("pre_layrnorm", "pre_norm"),
+    ("post_layernorm", "post_norm"),
+    *CLIP_ENCODER_LAYER_NAMES,
     ("head.probe", "head.probe"),
     ("head.attention.out_proj", "head.attn.o_proj"),
     ("head.layernorm", "head.norm"),

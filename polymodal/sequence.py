@@ -127,9 +127,46 @@ class PackedBatch:
         """The attention rule as a FlexAttention BlockMask (for CUDA tensors)."""
         return attention_rule_block_mask(self.document_ids, self.segment_ids, self.bidirectional)
 
+    def document_spans(self) -> "DocumentSpans":
+        """The documents' (row, start, end) extents, for causal-only batches (see `DocumentSpans`)."""
+        return DocumentSpans.of(self.document_ids)
+
     def attention_mask(self):
-        """The fastest mask form for the batch's device: a BlockMask on CUDA, dense otherwise."""
-        return self.block_mask() if self.document_ids.is_cuda else self.dense_mask()
+        """The fastest mask form for the batch's device: a BlockMask on CUDA; on CPU, document spans
+        when every segment is causal (attention then runs per document, never over the
+        cross-document pairs a dense mask would compute and discard), else the dense mask."""
+        if self.document_ids.is_cuda:
+            return self.block_mask()
+        return self.dense_mask() if bool(self.bidirectional.any()) else self.document_spans()
+
+
+@dataclass(frozen=True)
+class DocumentSpans:
+    """Causal attention within each document of packed rows, as (row, start, end) spans.
+
+    The CPU form of the attention rule when no segment is bidirectional: `polymodal.nn.attention`
+    runs one fused causal SDPA call per span (variable-length attention), so the cost follows
+    sum(len^2) over documents instead of rows x L^2. Positions outside every span (row padding)
+    get zero outputs. rows, length: the (R, L) shape the spans lay in.
+    """
+
+    spans: tuple[tuple[int, int, int], ...]
+    rows: int
+    length: int
+
+    @classmethod
+    def of(cls, document_ids: torch.Tensor) -> "DocumentSpans":
+        """Spans of maximal runs of one document id >= 0 in (R, L) `document_ids`."""
+        ids = document_ids.cpu()
+        rows, length = ids.shape
+        starts = torch.ones_like(ids, dtype=torch.bool)
+        starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        spans = []
+        for row, start in starts.nonzero().tolist():
+            spans.append([row, start, length])
+            if len(spans) > 1 and spans[-2][0] == row:
+                spans[-2][2] = start
+        return cls(tuple((r, s, e) for r, s, e in spans if ids[r, s] >= 0), rows, length)
 
 
 def attention_rule_dense(document_ids: torch.Tensor, segment_ids: torch.Tensor,

@@ -119,3 +119,30 @@ def test_flex_block_mask_encodes_the_same_rule_as_the_dense_mask():
     dense = attend(q, k, v, packed.dense_mask())
     real = (packed.document_ids >= 0)[:, None, :].expand(-1, 4, -1)
     torch.testing.assert_close(flex[real], dense[real], atol=1e-5, rtol=1e-5)
+
+
+def test_document_spans_equal_the_dense_rule_in_forward_and_gradients():
+    """The CPU varlen path (one causal SDPA call per document) computes what the dense mask does."""
+    torch.manual_seed(0)
+    model = DecoderLM(lm_tiny())
+    packed = pack_documents(_docs([5, 17, 30, 3, 44, 12, 9, 1], seed=3), max_tokens=64)
+    spans = packed.attention_mask()
+    assert type(spans).__name__ == "DocumentSpans"  # all-causal batch on CPU
+    assert sum(e - s for _, s, e in spans.spans) == packed.num_tokens
+    results = []
+    for mask_of in (packed.document_spans, packed.dense_mask):
+        packed.attention_mask = mask_of  # the instance attribute shadows the method for this batch
+        model.zero_grad()
+        out = model(packed=packed)
+        out.loss.backward()
+        results.append((out.logits[packed.document_ids >= 0], [p.grad.clone() for p in model.parameters()]))
+    (logits_a, grads_a), (logits_b, grads_b) = results
+    torch.testing.assert_close(logits_a, logits_b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_bidirectional_segments_keep_the_dense_mask_on_cpu():
+    doc = Document([Segment("text", tokens=torch.arange(4)), Segment("image", tokens=torch.arange(3), bidirectional=True)])
+    packed = pack_documents([doc, *_docs([6])], max_tokens=16)
+    assert isinstance(packed.attention_mask(), torch.Tensor)

@@ -157,7 +157,7 @@ class ImageProcessor:
     @classmethod
     def for_model(cls, config, preset: str = "clip", **kwargs) -> "ImageProcessor":
         """The processor for an `MMLLMConfig` (its vision tower's native resolution)."""
-        return cls(config.vision.image_size, preset, **kwargs)
+        return cls(config.image_size, preset, **kwargs)
 
     def _to_pil(self, image) -> Image.Image:
         if isinstance(image, Image.Image):

@@ -17,13 +17,17 @@ import torch.nn.functional as F
 @dataclass
 class ConvNetConfig:
     """widths: channels per stage (each stage halves the resolution); pool: "mean" (global average)
-    or "flatten" (a linear over the whole final map, which keeps where things are)."""
+    or "flatten" (a linear over the whole final map, which keeps where things are);
+    position_embedding: add a learned embedding per final-map cell to the tokens, so a consumer
+    that reads tokens individually (an LM) knows where each came from — convolutions alone only
+    tell it through border effects."""
 
     image_size: int = 64
     num_channels: int = 3
     widths: list[int] = field(default_factory=lambda: [32, 64, 128])
     groups: int = 8
     pool: str = "mean"
+    position_embedding: bool = False
 
     @property
     def hidden_size(self) -> int:
@@ -80,12 +84,20 @@ class ConvNet(nn.Module):
                                         nn.GELU(), ResidualConv(width, c.groups)))
             cin = width
         self.stages = nn.Sequential(*stages)
+        # Unit scale, like the normalised features it is added to: cells differ from the first step.
+        self.position_embedding = nn.Parameter(torch.randn(c.grid ** 2, c.hidden_size)) if c.position_embedding else None
         self.norm = nn.LayerNorm(c.hidden_size)
         self.pool_proj = nn.Linear(c.grid ** 2 * c.hidden_size, c.hidden_size) if c.pool == "flatten" else None
 
     def forward(self, pixel_values: torch.Tensor) -> ConvNetOutput:
         fmap = self.stages(pixel_values)  # (B, C, h, w)
-        tokens = self.norm(fmap.flatten(2).transpose(1, 2))  # (B, h*w, C)
+        tokens = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        if self.position_embedding is not None:
+            if tokens.shape[1] != self.config.grid ** 2:
+                raise ValueError(f"ConvNet position_embedding needs {self.config.image_size} px inputs, "
+                                 f"got {tuple(pixel_values.shape[-2:])}")
+            tokens = tokens + self.position_embedding.to(tokens.dtype)
+        tokens = self.norm(tokens)
         if self.pool_proj is not None:
             if tokens.shape[1] != self.config.grid ** 2:
                 raise ValueError(f"ConvNet pool='flatten' needs {self.config.image_size} px inputs, "

@@ -79,6 +79,8 @@ def hf_config_from_llava(config: MMLLMConfig, tokenizer=None) -> dict:
     Needs an "mlp" projector of depth 2 and a CLIP/SigLIP-layout tower. Token roles the LM config
     leaves open (bos/eos/pad) are filled from `tokenizer` when given.
     """
+    if config.vision_tower != "vit":
+        raise ValueError(f"MMLLMConfig.vision_tower: LLaVA export needs a ViT (CLIP/SigLIP) tower, got {config.vision_tower!r}")
     p = config.projector
     if p.kind != "mlp" or p.mlp_depth != 2:
         raise ValueError(f"MMLLMConfig.projector: LLaVA export needs kind='mlp' with mlp_depth=2, got kind={p.kind!r}, "

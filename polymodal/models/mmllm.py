@@ -13,16 +13,25 @@ import torch
 import torch.nn as nn
 
 from polymodal.backbones.decoder import DecoderConfig, DecoderLM, LMOutput
+from polymodal.encoders.convnet import ConvNet, ConvNetConfig
 from polymodal.encoders.vit import ViTConfig, VisionTransformer
 from polymodal.models.registry import Family, register
 from polymodal.projectors import ProjectorConfig, build_projector
 from polymodal.sequence import PackedBatch
 
 
+VISION_TOWERS = ("vit", "cnn")
+
+
 @dataclass
 class MMLLMConfig:
     """vision / lm / projector sub-configs; which ViT layer feeds the projector and whether its
-    class token is dropped (LLaVA: layer -2, patches only); the `<image>` placeholder token id."""
+    class token is dropped (LLaVA: layer -2, patches only); the `<image>` placeholder token id.
+
+    vision_tower: "vit" (`vision`, the ViT / CLIP / SigLIP layout) or "cnn" (`cnn`, the
+    contrastive family's convolutional tower, whose final feature map is the token grid; it has
+    no layers to select, so `vision_feature_layer` must then be -1).
+    """
 
     vision: ViTConfig = field(default_factory=ViTConfig)
     lm: DecoderConfig = field(default_factory=DecoderConfig)
@@ -30,6 +39,33 @@ class MMLLMConfig:
     vision_feature_layer: int = -2
     drop_class_token: bool = True
     image_token_id: int = 0
+    vision_tower: str = "vit"
+    cnn: ConvNetConfig = field(default_factory=ConvNetConfig)
+
+    def __post_init__(self) -> None:
+        if self.vision_tower not in VISION_TOWERS:
+            raise ValueError(f"MMLLMConfig.vision_tower must be one of {VISION_TOWERS}, got {self.vision_tower!r}")
+        if self.vision_tower == "cnn" and self.vision_feature_layer != -1:
+            raise ValueError("MMLLMConfig: the cnn vision tower only has its final feature map; "
+                             f"set vision_feature_layer to -1 (got {self.vision_feature_layer})")
+
+    @property
+    def image_size(self) -> int:
+        """Native input resolution of the vision tower."""
+        return self.cnn.image_size if self.vision_tower == "cnn" else self.vision.image_size
+
+    @property
+    def vision_width(self) -> int:
+        """Width of the vision tower's output tokens (the projector's input)."""
+        return self.cnn.hidden_size if self.vision_tower == "cnn" else self.vision.hidden_size
+
+    @property
+    def vision_patches(self) -> int:
+        """Tokens the vision tower hands the projector per image at its native resolution."""
+        if self.vision_tower == "cnn":
+            return self.cnn.grid ** 2
+        c = self.vision
+        return c.grid ** 2 + (0 if self.drop_class_token or not c.class_token else 1)
 
 
 class MultimodalLM(nn.Module):
@@ -40,21 +76,22 @@ class MultimodalLM(nn.Module):
     def __init__(self, config: MMLLMConfig):
         super().__init__()
         self.config = config
-        self.vision = VisionTransformer(config.vision)
+        self.vision = ConvNet(config.cnn) if config.vision_tower == "cnn" else VisionTransformer(config.vision)
         self.lm = DecoderLM(config.lm)
-        self.projector = build_projector(config.projector, config.vision.hidden_size, config.lm.hidden_size)
+        self.projector = build_projector(config.projector, config.vision_width, config.lm.hidden_size)
 
     @property
     def image_tokens(self) -> int:
         """LM positions one image occupies at the vision tower's native resolution."""
-        c = self.config.vision
-        patches = c.grid ** 2 + (0 if self.config.drop_class_token or not c.class_token else 1)
-        return self.projector.num_tokens(patches)
+        return self.projector.num_tokens(self.config.vision_patches)
 
     def encode_images(self, pixel_values: torch.Tensor, **projector_inputs) -> torch.Tensor:
         """pixel_values (N, C, H, W) -> image embeddings in LM space (N, K, D_lm)."""
-        drop = self.config.drop_class_token
-        features = self.vision.patch_features(pixel_values, self.config.vision_feature_layer, drop_class_token=drop)
+        if self.config.vision_tower == "cnn":
+            features = self.vision(pixel_values).last_hidden_state
+        else:
+            features = self.vision.patch_features(pixel_values, self.config.vision_feature_layer,
+                                                  drop_class_token=self.config.drop_class_token)
         return self.projector(features, **projector_inputs)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
@@ -151,7 +188,7 @@ def _example_batch(model: MultimodalLM) -> dict:
     c = model.config
     ids = torch.randint(0, c.lm.vocab_size - 1, (2, 6 + model.image_tokens))
     ids[:, 2:2 + model.image_tokens] = c.image_token_id
-    size = c.vision.image_size
+    size = c.image_size
     return {"input_ids": ids, "pixel_values": torch.randn(2, 3, size, size)}
 
 

@@ -1,8 +1,10 @@
 """Grouped-query attention (self and cross) over SDPA or FlexAttention.
 
 A mask reaching `attend` is one of: None (every query sees every key), the string "causal",
-a boolean tensor broadcastable to (B, H, T_q, T_k) with True = may attend (CPU path, dense), or a
-FlexAttention `BlockMask` built by `polymodal.sequence` (CUDA path, sparse blocks skipped).
+a boolean tensor broadcastable to (B, H, T_q, T_k) with True = may attend (CPU path, dense), a
+`polymodal.sequence.DocumentSpans` (CPU path for causal packed rows: one causal call per
+document), or a FlexAttention `BlockMask` built by `polymodal.sequence` (CUDA path, sparse
+blocks skipped).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 
 from polymodal.nn.kv_cache import KVCache
 from polymodal.nn.rope import apply_rotary
+from polymodal.sequence import DocumentSpans
 
 
 def _is_block_mask(mask) -> bool:
@@ -28,6 +31,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, scale: 
 
         return flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     gqa = k.shape[1] != q.shape[1]
+    if isinstance(mask, DocumentSpans):
+        return _attend_spans(q, k, v, mask, scale, gqa)
     if gqa and isinstance(mask, torch.Tensor) and q.is_cuda:
         # On CUDA a masked GQA call falls back to the slow math kernel; copying K/V to every
         # query head keeps the fused kernels. On CPU SDPA broadcasts the groups itself.
@@ -39,6 +44,28 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, scale: 
             raise ValueError(f"mask string must be 'causal', got {mask!r}")
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def _attend_spans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: DocumentSpans, scale: float | None,
+                  gqa: bool) -> torch.Tensor:
+    """Causal attention inside each (row, start, end) span; q (R, H, L, D) -> (R, H, L, D), zeros off-span."""
+    if q.shape[2] != spans.length or k.shape[2] != spans.length:
+        raise ValueError(f"DocumentSpans cover rows of {spans.length} positions; got queries of {q.shape[2]} and "
+                         f"keys of {k.shape[2]} (spans serve packed self-attention without a KV cache)")
+    pieces: list[list[torch.Tensor]] = [[] for _ in range(q.shape[0])]
+    ends = [0] * q.shape[0]
+    for row, start, end in spans.spans:
+        if start > ends[row]:  # a gap (padding) before this document
+            pieces[row].append(q.new_zeros(q.shape[1], start - ends[row], q.shape[3]))
+        span = slice(start, end)
+        pieces[row].append(F.scaled_dot_product_attention(
+            q[row:row + 1, :, span], k[row:row + 1, :, span], v[row:row + 1, :, span], is_causal=True, scale=scale,
+            enable_gqa=gqa)[0])
+        ends[row] = end
+    for row, end in enumerate(ends):
+        if end < spans.length:
+            pieces[row].append(q.new_zeros(q.shape[1], spans.length - end, q.shape[3]))
+    return torch.stack([torch.cat(row, dim=1) for row in pieces])
 
 
 class Attention(nn.Module):

@@ -12,7 +12,8 @@ class ProjectorConfig:
     (Qwen-VL: learned queries cross-attending to the features, `num_layers` deep), "qformer"
     (BLIP-2 / InstructBLIP Q-Former + linear map into the LM).
     num_queries: learned query tokens (resampler, qformer). hidden_size / intermediate_size /
-    num_heads / num_layers / layer_norm_eps: the resampler's or Q-Former's own width.
+    num_heads / num_layers / layer_norm_eps: the resampler's or Q-Former's own width;
+    intermediate_size is also the width of the MLP projector's hidden layers (default: the LM's).
     cross_attention_every: Q-Former layers with cross-attention to the image (1 = every layer).
     instruction_aware: InstructBLIP — the instruction text enters the Q-Former (needs
     `text_vocab_size` and `max_text_positions` for its own word/position embeddings).

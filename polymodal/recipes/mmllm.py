@@ -182,7 +182,7 @@ def make_batches(config: MMLLMRecipeConfig, model: MultimodalLM, tokenizer) -> S
     from polymodal.data.world import World
 
     d = config.data
-    world = World("train", image_size=model.config.vision.image_size, num_objects=tuple(d.num_objects),
+    world = World("train", image_size=model.config.image_size, num_objects=tuple(d.num_objects),
                   background=d.background, seed=config.train.seed)
     processor = ImageProcessor.for_model(model.config, d.preset)
     document = world_documents(config.stage, tokenizer, processor, world, model.config.image_token_id,

@@ -89,3 +89,22 @@ def test_format_table_and_json(tmp_path, monkeypatch):
     table = bench_lm.format_table(results)
     assert "decode B=3" in table and "ratio" in table
     assert json.loads(out.read_text())["train"]["batch"] == [2, 16]
+
+
+def test_feature_probe_reads_color_from_a_cell_token_model():
+    """probe_mmllm_features: features of the object's cell; a raw-patch model's tokens carry color."""
+    import probe_mmllm_features as probe
+
+    from polymodal.data.conversation import ImageProcessor
+    from polymodal.models.mmllm import MultimodalLM
+    from polymodal.quickstart import quickstart_model
+
+    torch.manual_seed(0)
+    config = quickstart_model()
+    config.lm.vocab_size, config.image_token_id = 64, 63
+    model = MultimodalLM(config).eval()
+    processor = ImageProcessor.for_model(config)
+    x, colors, shapes = probe.cell_features(model, processor, "train", 40)
+    assert x.shape == (40, config.lm.hidden_size) and colors.max() < 8 and shapes.max() < 6
+    # Untrained, the patch embedding is a random linear map of the pixels: color is still readable.
+    assert probe.probe_accuracy(x[:30], colors[:30], x[30:], colors[30:], 8) > 0.3

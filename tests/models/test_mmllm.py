@@ -9,7 +9,7 @@ from polymodal.sequence import Document, Segment, pack_documents
 def _doc(model, layout, seed):
     """layout: e.g. "t i t i t" (text runs / images, interleaved)."""
     g = torch.Generator().manual_seed(seed)
-    k, size, image_id = model.image_tokens, model.config.vision.image_size, model.config.image_token_id
+    k, size, image_id = model.image_tokens, model.config.image_size, model.config.image_token_id
     segments = []
     for part in layout.split():
         if part == "t":
@@ -53,3 +53,37 @@ def test_packed_equivalence_with_resampler_and_multi_image_loss():
     model.train()
     model(packed=batch).loss.backward()
     assert model.vision.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_cnn_vision_tower_gives_one_token_per_feature_map_cell():
+    """vision_tower="cnn": the contrastive family's conv tower feeds its h x w map as tokens."""
+    import pytest
+
+    from polymodal.encoders.convnet import ConvNetConfig
+    from polymodal.interop.hf_llava import hf_config_from_llava
+
+    torch.manual_seed(0)
+    config = mmllm_tiny()
+    config.vision_tower, config.vision_feature_layer = "cnn", -1
+    config.cnn = ConvNetConfig(image_size=32, widths=[8, 16, 16], position_embedding=True)
+    model = MultimodalLM(config)
+    assert model.image_tokens == 16  # 32 px / 2^3 = 4 x 4 map
+    _check_packed_equals_single(model)
+    model.train()
+    model(packed=pack_documents([_doc(model, "t i t", 7)], 64)).loss.backward()
+    assert model.vision.stages[0][0].weight.grad.abs().sum() > 0
+    assert model.vision.position_embedding.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="vision_feature_layer"):
+        type(config)(vision_tower="cnn", vision_feature_layer=-2)
+    with pytest.raises(ValueError, match="LLaVA export needs a ViT"):
+        hf_config_from_llava(config)
+
+
+def test_cnn_position_embedding_tells_cells_of_a_uniform_image_apart():
+    from polymodal.encoders.convnet import ConvNet, ConvNetConfig
+
+    torch.manual_seed(0)
+    flat = torch.zeros(1, 3, 32, 32)
+    with_positions = ConvNet(ConvNetConfig(image_size=32, widths=[8, 16, 16], position_embedding=True))
+    tokens = with_positions(flat).last_hidden_state[0]  # (16, C)
+    assert torch.cdist(tokens, tokens).fill_diagonal_(1.0).min() > 1e-2

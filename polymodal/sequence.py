@@ -161,12 +161,11 @@ class DocumentSpans:
         rows, length = ids.shape
         starts = torch.ones_like(ids, dtype=torch.bool)
         starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-        spans = []
-        for row, start in starts.nonzero().tolist():
-            spans.append([row, start, length])
-            if len(spans) > 1 and spans[-2][0] == row:
-                spans[-2][2] = start
-        return cls(tuple((r, s, e) for r, s, e in spans if ids[r, s] >= 0), rows, length)
+        row, start = starts.nonzero(as_tuple=True)  # run starts in row-major order
+        end = torch.full_like(start, length)  # a run ends where the next one in its row starts
+        end[:-1] = torch.where(row[1:] == row[:-1], start[1:], length)
+        real = ids[row, start] >= 0
+        return cls(tuple(zip(row[real].tolist(), start[real].tolist(), end[real].tolist())), rows, length)
 
 
 def attention_rule_dense(document_ids: torch.Tensor, segment_ids: torch.Tensor,

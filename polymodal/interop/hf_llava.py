@@ -98,7 +98,7 @@ def hf_config_from_llava(config: MMLLMConfig, tokenizer=None) -> dict:
         "vision_config": vision,
         "text_config": text,
         "image_token_index": config.image_token_id,
-        "image_seq_length": config.vision.grid ** 2 + (0 if drops or not config.vision.class_token else 1),
+        "image_seq_length": config.vision_patches,
         "projector_hidden_act": "gelu",
         "multimodal_projector_bias": True,
         "vision_feature_layer": config.vision_feature_layer,

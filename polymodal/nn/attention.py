@@ -52,20 +52,13 @@ def _attend_spans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: Docu
     if q.shape[2] != spans.length or k.shape[2] != spans.length:
         raise ValueError(f"DocumentSpans cover rows of {spans.length} positions; got queries of {q.shape[2]} and "
                          f"keys of {k.shape[2]} (spans serve packed self-attention without a KV cache)")
-    pieces: list[list[torch.Tensor]] = [[] for _ in range(q.shape[0])]
-    ends = [0] * q.shape[0]
+    out = q.new_zeros(q.shape)
     for row, start, end in spans.spans:
-        if start > ends[row]:  # a gap (padding) before this document
-            pieces[row].append(q.new_zeros(q.shape[1], start - ends[row], q.shape[3]))
         span = slice(start, end)
-        pieces[row].append(F.scaled_dot_product_attention(
+        out[row, :, span] = F.scaled_dot_product_attention(
             q[row:row + 1, :, span], k[row:row + 1, :, span], v[row:row + 1, :, span], is_causal=True, scale=scale,
-            enable_gqa=gqa)[0])
-        ends[row] = end
-    for row, end in enumerate(ends):
-        if end < spans.length:
-            pieces[row].append(q.new_zeros(q.shape[1], spans.length - end, q.shape[3]))
-    return torch.stack([torch.cat(row, dim=1) for row in pieces])
+            enable_gqa=gqa)[0]
+    return out
 
 
 class Attention(nn.Module):

@@ -42,7 +42,9 @@ class MMLLMDataConfig:
 
     num_scenes: train scenes cycled through; num_objects / background: the world's options;
     turns: question turns per chat (instruct); docs_per_batch: chats packed per step;
-    max_tokens: packed row length; preset: image preprocessing ("clip", "siglip", "llava").
+    max_tokens: packed row length; preset: image preprocessing ("clip", "siglip", "llava");
+    caption_styles (align): the world caption styles whose templates the captions are drawn from
+    ("short", "detailed", "grounded": place first, then the object).
     """
 
     num_scenes: int = 20000
@@ -52,6 +54,15 @@ class MMLLMDataConfig:
     docs_per_batch: int = 32
     max_tokens: int = 512
     preset: str = "clip"
+    caption_styles: list[str] = field(default_factory=lambda: ["short", "detailed"])
+
+    def __post_init__(self):
+        from polymodal.data.world.text import CAPTION_STYLES
+
+        unknown = [style for style in self.caption_styles if style not in CAPTION_STYLES]
+        if unknown or not self.caption_styles:
+            raise ValueError(f"MMLLMDataConfig.caption_styles must be a non-empty list from {CAPTION_STYLES}, "
+                             f"got {self.caption_styles!r}")
 
 
 @dataclass
@@ -159,15 +170,16 @@ def set_trainable(model: MultimodalLM, parts: Sequence[str], lora: LoRAConfig) -
 # ----------------------------------------------------------------------------------------- data
 
 def world_documents(stage: str, tokenizer, processor: ImageProcessor, world, image_token_id: int,
-                    image_tokens: int, turns: int):
-    """A function index -> Document over `world`'s scenes: caption chats (align) or QA chats (instruct)."""
-    from polymodal.data.world.text import DESCRIBE_PROMPTS
+                    image_tokens: int, turns: int, caption_styles: Sequence[str] = ("short", "detailed")):
+    """A function index -> Document over `world`'s scenes: caption chats (align, one template of
+    `caption_styles` per scene) or QA chats (instruct)."""
+    from polymodal.data.world.text import DESCRIBE_PROMPTS, captions_of
 
     def document(index: int) -> Document:
         scene = world[index]
         pixels = processor(scene.image())
         if stage == "align":
-            captions = scene.captions()
+            captions = captions_of(scene, caption_styles)
             messages = [{"role": "user", "content": IMAGE_TOKEN + "\n" + DESCRIBE_PROMPTS[index % len(DESCRIBE_PROMPTS)]},
                         {"role": "assistant", "content": captions[index % len(captions)]}]
         else:
@@ -186,7 +198,7 @@ def make_batches(config: MMLLMRecipeConfig, model: MultimodalLM, tokenizer) -> S
                   background=d.background, seed=config.train.seed)
     processor = ImageProcessor.for_model(model.config, d.preset)
     document = world_documents(config.stage, tokenizer, processor, world, model.config.image_token_id,
-                               model.image_tokens, d.turns)
+                               model.image_tokens, d.turns, d.caption_styles)
     return ShuffledBatches(d.num_scenes, min(d.docs_per_batch, d.num_scenes),
                            lambda idx: pack_documents([document(int(i)) for i in idx], d.max_tokens, truncate=True),
                            seed=config.train.seed)

@@ -8,7 +8,7 @@ import polymodal
 from polymodal.cli import main
 from polymodal.data.conversation import ImageProcessor
 from polymodal.data.world import World
-from polymodal.recipes.mmllm import MMLLMRecipeConfig, answer_questions
+from polymodal.recipes.mmllm import MMLLMDataConfig, MMLLMRecipeConfig, answer_questions
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "mmllm"
 
@@ -46,3 +46,18 @@ def test_recipe_config_errors():
         MMLLMRecipeConfig(stage="pretrain")
     with pytest.raises(ValueError, match="trainable"):
         MMLLMRecipeConfig(trainable=["decoder"])
+    with pytest.raises(ValueError, match="caption_styles"):
+        MMLLMDataConfig(caption_styles=["poem"])
+
+
+def test_align_captions_follow_caption_styles():
+    from polymodal.data.world import world_tokenizer
+    from polymodal.recipes.mmllm import IMAGE_TOKEN, world_documents
+
+    tokenizer = world_tokenizer()
+    world = World("train", image_size=32)
+    document = world_documents("align", tokenizer, ImageProcessor(32), world, tokenizer.token_to_id(IMAGE_TOKEN), 4,
+                               turns=1, caption_styles=["grounded"])
+    for index in range(3):
+        answer = [seg for seg in document(index).segments if seg.loss]
+        assert tokenizer.decode(answer[0].tokens.tolist()).strip().startswith(world[index].caption("grounded"))

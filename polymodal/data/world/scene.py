@@ -73,7 +73,7 @@ class Scene:
         return out
 
     def caption(self, style: str = "short", variant: int | None = None) -> str:
-        """A caption; style "short" or "detailed"; variant picks the template (None: per-scene)."""
+        """A caption; style "short", "detailed" or "grounded"; variant picks the template (None: per-scene)."""
         return text.caption(self, style, variant)
 
     def captions(self) -> list[str]:

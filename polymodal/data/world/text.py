@@ -114,15 +114,18 @@ def _detailed_captions(scene: Scene) -> list[str]:
     n = len(objs)
     intro = f"There {'is' if n == 1 else 'are'} {_count_phrase(n)} on {_background_phrase(scene)}."
     sentences = " ".join(f"{with_article(noun(o, True)).capitalize()} is {LOCATIVES[o.position]}." for o in objs)
-    clauses = "; ".join(f"{LOCATIVES[o.position]} there is {with_article(noun(o, True))}" for o in objs)
-    return [
-        join_words(placed).capitalize() + ".",
-        f"{intro} {sentences}",
-        clauses[0].upper() + clauses[1:] + ".",
-    ]
+    return [join_words(placed).capitalize() + ".", f"{intro} {sentences}", *_grounded_captions(scene)]
 
 
-_CAPTIONS = {"short": _short_captions, "detailed": _detailed_captions}
+def _grounded_captions(scene: Scene) -> list[str]:
+    # Place first, then the object: a reader finds the grid cell from the words before it
+    # has to name what is there (the detailed style's third template).
+    clauses = "; ".join(f"{LOCATIVES[o.position]} there is {with_article(noun(o, True))}" for o in scene.objects)
+    return [clauses[0].upper() + clauses[1:] + "."]
+
+
+_CAPTIONS = {"short": _short_captions, "detailed": _detailed_captions, "grounded": _grounded_captions}
+CAPTION_STYLES = tuple(_CAPTIONS)
 
 
 def caption(scene: Scene, style: str = "short", variant: int | None = None) -> str:
@@ -137,9 +140,17 @@ def caption(scene: Scene, style: str = "short", variant: int | None = None) -> s
     return options[variant]
 
 
+def captions_of(scene: Scene, styles: Sequence[str]) -> list[str]:
+    """Every template of each style in `styles` (in that order) for `scene`."""
+    for style in styles:
+        if style not in _CAPTIONS:
+            raise ValueError(f"captions_of: style {style!r} is not one of {CAPTION_STYLES}")
+    return [text for style in styles for text in _CAPTIONS[style](scene)]
+
+
 def all_captions(scene: Scene) -> list[str]:
-    """Every short then every detailed caption of `scene`."""
-    return _short_captions(scene) + _detailed_captions(scene)
+    """Every short then every detailed caption of `scene` (the detailed ones include the grounded one)."""
+    return captions_of(scene, ("short", "detailed"))
 
 
 def _object_questions(objs: Sequence[WorldObject]) -> list[QA]:

@@ -4,7 +4,7 @@ import re
 import pytest
 
 from polymodal.data.world import COLORS, POSITION_NAMES, QTYPES, SHAPES, SIZES, World
-from polymodal.data.world.text import LOCATIVES
+from polymodal.data.world.text import LOCATIVES, captions_of
 
 _BY_LOCATIVE = {LOCATIVES[name]: cell for cell, name in POSITION_NAMES.items()}
 _PLURALS = {
@@ -96,6 +96,18 @@ def test_captions_name_every_object_and_position():
         scene.caption("poem")
     with pytest.raises(ValueError, match="variant"):
         scene.caption("short", 9)
+
+
+def test_grounded_caption_names_each_place_before_its_object():
+    scene = World("val", num_objects=(3, 3))[5]
+    grounded = scene.caption("grounded")
+    assert captions_of(scene, ["grounded"]) == [grounded] and grounded in scene.captions()
+    for obj in scene.objects:
+        clause = f"{LOCATIVES[obj.position]} there is a{'n' if obj.size[0] in 'aeiou' else ''} {obj.size} {obj.color} {obj.shape}"
+        assert clause in grounded.lower()
+    assert captions_of(scene, ["short", "grounded"]) == scene.captions()[:4] + [grounded]
+    with pytest.raises(ValueError, match="poem"):
+        captions_of(scene, ["poem"])
 
 
 def test_conversation_format():

@@ -50,6 +50,8 @@ def _dtype(name: str | None):
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (exposed for tests and docs)."""
+    from polymodal.infer.generate import add_sampling_arguments  # torch comes in with the chat parser anyway
+
     parser = argparse.ArgumentParser(prog="polymodal", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -68,12 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("complete", help="plain-text completion from a language model (streamed)")
     p.add_argument("model", help="polymodal checkpoint, HF folder or .gguf file")
     p.add_argument("prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_sampling_arguments(p, max_new_tokens=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.set_defaults(func=_complete)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from polymodal.data.conversation import IMAGE_MARKER, ImageProcessor, prompt_ids
-from polymodal.infer.generate import cut_at_stop, generate, stream_text
+from polymodal.infer.generate import add_sampling_arguments, cut_at_stop, generate, stream_text
 
 
 @dataclass
@@ -298,12 +298,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--batch", default=None, help="requests JSONL: {'messages', 'images'} or {'prompt', 'image'} per line")
     p.add_argument("--out", default=None, help="answers JSONL (with --batch)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_sampling_arguments(p, max_new_tokens=128)
     p.set_defaults(func=run_chat_cli)
 
 

@@ -7,6 +7,7 @@ logits_to_keep) and returns `.logits`, and that offers `new_kv_cache(batch, max_
 """
 from __future__ import annotations
 
+import argparse
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -187,3 +188,14 @@ def _eos_set(model, eos_token_id) -> set[int]:
     if eos_token_id is None:
         return set()
     return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id}
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The generation options every generating CLI command shares: --max-new-tokens, --temperature,
+    --top-k, --top-p, --seed and --stop (repeatable)."""
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")

@@ -108,3 +108,17 @@ def test_feature_probe_reads_color_from_a_cell_token_model():
     assert x.shape == (40, config.lm.hidden_size) and colors.max() < 8 and shapes.max() < 6
     # Untrained, the patch embedding is a random linear map of the pixels: color is still readable.
     assert probe.probe_accuracy(x[:30], colors[:30], x[30:], colors[30:], 8) > 0.3
+
+
+def test_qtype_probe_trains_on_one_question_type():
+    import probe_mmllm_qtype
+
+    from polymodal.data.world import World
+
+    for scene in World("train", image_size=96, num_objects=(1, 3)).scenes(5):
+        user, answer = probe_mmllm_qtype.one_question_chat(scene, "existence")
+        asked = [qa for qa in scene.questions() if qa.question == user["content"].split("\n", 1)[1]]
+        assert asked and asked[0].qtype == "existence" and asked[0].answer == answer["content"]
+    r = probe_mmllm_qtype.probe_qtype("existence", steps=2, docs=4, eval_scenes=2)
+    assert len(r["losses"]) == 2 and all(math.isfinite(v) for v in r["losses"])
+    assert 0.0 <= r["before"][0] <= 1.0 and 0.0 <= r["after"][0] <= 1.0

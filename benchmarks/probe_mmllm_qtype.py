@@ -58,6 +58,7 @@ def probe_qtype(qtype: str, init: str | None = None, steps: int = 400, docs: int
     if init:
         model, tokenizer = load(init)
     else:
+        # Only the stage config's model and tokenizer settings are read here; nothing is written.
         model, tokenizer = build_mmllm(stage_config("instruct", Path("unused"), seed=0))
     set_trainable(model, ["projector", "lm"], LoRAConfig())
     processor = ImageProcessor.for_model(model.config)

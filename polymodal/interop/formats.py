@@ -38,6 +38,7 @@ def detect_format(path: str | Path) -> str:
         return "hf"
     raise ValueError(f"{config} has neither \"format\": \"polymodal\" nor an HF 'model_type'/'architectures'")
 
+
 def read_hf_config(folder: str | Path) -> dict:
     """The parsed config.json of an HF folder (errors name the file)."""
     path = Path(folder) / "config.json"

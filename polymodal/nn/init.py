@@ -5,10 +5,9 @@ import torch.nn as nn
 
 
 def init_weights(module: nn.Module) -> None:
-    """GPT-style init (normal, std 0.02; zero biases) for freshly built decoders; imported
-    weights overwrite it."""
-    if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d, nn.Conv3d)):
+    """GPT-style init (normal, std 0.02; zero biases) of a freshly built decoder's linear and
+    embedding layers; imported weights overwrite it."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, std=0.02)
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
-

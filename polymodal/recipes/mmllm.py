@@ -170,7 +170,7 @@ def set_trainable(model: MultimodalLM, parts: Sequence[str], lora: LoRAConfig) -
 # ----------------------------------------------------------------------------------------- data
 
 def world_documents(stage: str, tokenizer, processor: ImageProcessor, world, image_token_id: int,
-                    image_tokens: int, turns: int, caption_styles: Sequence[str] = ("short", "detailed")):
+                    image_tokens: int, turns: int, caption_styles: Sequence[str]):
     """A function index -> Document over `world`'s scenes: caption chats (align, one template of
     `caption_styles` per scene) or QA chats (instruct)."""
     from polymodal.data.world.text import DESCRIBE_PROMPTS, captions_of

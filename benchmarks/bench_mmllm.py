@@ -6,10 +6,13 @@ Both models hold identical weights (ours copied into `LlavaForConditionalGenerat
 loss on the assistant answers only. transformers gets each step's chats right-padded to the
 longest one (the usual LLaVA collator); polymodal packs them padding-free into rows. The
 logits of both models are compared first (and the first losses reported), so the timing
-compares equal work. Reported: real (non-padding) tokens/s of a full training step (forward,
-backward, AdamW), median and best of interleaved rounds, the ratio, and MFU on CUDA.
+compares equal work. polymodal runs as its recipes do, with the LM head on the answer positions
+only (`loss_only=True`); "polymodal_all_logits" is the same packed step with logits everywhere,
+to show what that saves. Reported: real (non-padding) tokens/s of a full training step (forward,
+backward, AdamW), median and best of interleaved rounds, the ratio, and MFU on CUDA (model FLOPs
+with the head on every position, the same count for every variant).
 
-Usage: python benchmarks/bench_mmllm.py [--quick] [--device cuda] [--peak-tflops 989] [--json out.json]
+Usage: python benchmarks/bench_mmllm.py [--quick] [--device cuda] [--peak-tflops 989] [--vocab 49152] [--json out.json]
 """
 from __future__ import annotations
 
@@ -106,12 +109,16 @@ def padded_batch(docs, device: str) -> dict:
 
 
 def run(quick: bool = False, device: str = "cpu", docs_per_step: int = 24, max_turns: int = 10, max_tokens: int = 512,
-        warmup: int = 1, iters: int = 5, seed: int = 0, peak_tflops: float | None = None) -> dict:
-    """Time polymodal packed vs transformers padded instruction-tuning steps; returns a result dict."""
+        warmup: int = 1, iters: int = 5, seed: int = 0, peak_tflops: float | None = None,
+        vocab_size: int | None = None) -> dict:
+    """Time polymodal packed vs transformers padded instruction-tuning steps; returns a result dict.
+
+    vocab_size: LM vocabulary (default: the world tokenizer's 510); a larger one (49,152 is
+    SmolLM2's) adds head rows the chats never use but every logit pays for."""
     from polymodal.data.world import world_tokenizer
 
     tokenizer = world_tokenizer()
-    config = bench_config(tokenizer.vocab_size, tokenizer.token_to_id("<image>"), quick)
+    config = bench_config(max(vocab_size or 0, tokenizer.vocab_size), tokenizer.token_to_id("<image>"), quick)
     torch.manual_seed(seed)
     ours = MultimodalLM(config).to(device)
     hf = to_hf_llava(ours)
@@ -126,7 +133,10 @@ def run(quick: bool = False, device: str = "cpu", docs_per_step: int = 24, max_t
         raise RuntimeError(f"polymodal and transformers LLaVA logits differ by {diff:.3g}: the weight copy is wrong")
     steps, losses = {}, {}
     steps["transformers_padded"], losses["transformers_padded"] = _train_step(hf, lambda: hf(**padded).loss, device)
-    steps["polymodal_packed"], losses["polymodal_packed"] = _train_step(ours, lambda: ours(packed=packed).loss, device)
+    steps["polymodal_packed"], losses["polymodal_packed"] = _train_step(
+        ours, lambda: ours(packed=packed, loss_only=True).loss, device)
+    steps["polymodal_all_logits"], losses["polymodal_all_logits"] = _train_step(
+        ours, lambda: ours(packed=packed).loss, device)
     times = time_interleaved(steps, warmup, iters, device)
     real = sum(len(d) for d in docs)
     padded_positions = padded["input_ids"].numel()
@@ -159,16 +169,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-tokens", type=int, default=512, help="packed row length")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (e.g. 989 for H100 bf16)")
+    parser.add_argument("--vocab", type=int, default=None, help="LM vocabulary size (e.g. 49152, SmolLM2's)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     result = run(args.quick, args.device, docs_per_step=args.docs, max_turns=args.max_turns, max_tokens=args.max_tokens,
                  iters=args.iters, warmup=0 if args.quick else 1,
-                 peak_tflops=args.peak_tflops)
+                 peak_tflops=args.peak_tflops, vocab_size=args.vocab)
     ratio = result["ratio_packed_vs_hf_padded"]
     print(f"{result['documents']} chats/step, {result['real_tokens_per_step']} real tokens; padded "
           f"{result['padded_shape']} ({100 * result['padding_fraction']:.0f}% padding) vs packed "
           f"{result['packed_shape']}; logits max diff {result['logits_max_diff']:.2e}")
-    for name in ("transformers_padded", "polymodal_packed"):
+    for name in ("transformers_padded", "polymodal_packed", "polymodal_all_logits"):
         r = result[name]
         extra = f"  MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
         print(f"  {name:<20} {r['real_tokens_per_s']:9.0f} tok/s (best {r['real_tokens_per_s_best']:.0f}){extra}")

@@ -10,19 +10,23 @@ nothing of the image-question relation, whatever the step count.
 Usage: python benchmarks/probe_mmllm_qtype.py --qtype existence [--init CHECKPOINT] [--steps 400]
        [--docs 80] [--lr 5e-4] [--objects 1 3]
 Without --init the quickstart's model is built fresh (random LM, frozen random patch encoder).
+With --templates, nothing trains: the --init checkpoint's val exact match is printed per question
+template of the type (color and shape words replaced by C and S) with its answer counts, which
+shows which forms are answered and which get one constant answer.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import math
+import re
 from pathlib import Path
 
 import torch
 
 from polymodal.api import load
 from polymodal.data.conversation import ImageProcessor, conversation_document
-from polymodal.data.world import QTYPES, World
+from polymodal.data.world import COLORS, QTYPES, SHAPES, World
 from polymodal.nn.lora import LoRAConfig
 from polymodal.quickstart import stage_config
 from polymodal.recipes.mmllm import IMAGE_TOKEN, answer_questions, build_mmllm, set_trainable
@@ -42,6 +46,30 @@ def accuracy(model, tokenizer, processor, qtype: str, objects: tuple[int, int], 
     answers = answer_questions(model, tokenizer, processor, items)
     correct = sum(a == t for a, t in zip(answers, truth))
     return correct / len(truth), collections.Counter(answers).most_common(4)
+
+
+def question_template(question: str) -> str:
+    """The question with its color words replaced by C and its shape words (singular or plural) by S."""
+    question = re.sub(rf"\b({'|'.join(COLORS)})\b", "C", question)
+    return re.sub(rf"\b({'|'.join(SHAPES)})(e?s)?\b", "S", question)
+
+
+def accuracy_by_template(model, tokenizer, processor, qtype: str, objects: tuple[int, int] = (1, 3),
+                         scenes: int = 100) -> list[tuple[str, int, float, dict, dict]]:
+    """Per question template of `qtype` on `scenes` val scenes: (template, count, exact match,
+    {true answer: count}, {model answer: count}), most frequent template first."""
+    asked = collections.defaultdict(list)  # template -> [(truth, answer)]
+    items, keys = [], []
+    for scene in World("val", image_size=processor.size, num_objects=objects).scenes(scenes):
+        for qa in scene.questions():
+            if qa.qtype == qtype:
+                items.append((scene.image(), qa.question))
+                keys.append((question_template(qa.question), qa.answer))
+    for (template, truth), answer in zip(keys, answer_questions(model, tokenizer, processor, items)):
+        asked[template].append((truth, answer))
+    rows = [(t, len(pairs), sum(a == b for a, b in pairs) / len(pairs), dict(collections.Counter(a for a, _ in pairs)),
+             dict(collections.Counter(b for _, b in pairs))) for t, pairs in asked.items()]
+    return sorted(rows, key=lambda row: -row[1])
 
 
 def one_question_chat(scene, qtype: str) -> list[dict]:
@@ -74,7 +102,7 @@ def probe_qtype(qtype: str, init: str | None = None, steps: int = 400, docs: int
                                                                       truncate=True))
     config = TrainConfig(steps=steps, lr=lr, warmup_steps=max(1, steps // 20), weight_decay=0.01)
     model.train()
-    result = train(model, batches, lambda m, batch: m(packed=batch).loss, config,
+    result = train(model, batches, lambda m, batch: m(packed=batch, loss_only=True).loss, config,
                    tokens_in_batch=lambda batch: batch.num_tokens)
     return {"losses": result.losses, "before": before,
             "after": accuracy(model, tokenizer, processor, qtype, objects, eval_scenes)}
@@ -88,7 +116,17 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=80, help="one-question chats per step")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--objects", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"))
+    parser.add_argument("--templates", action="store_true", help="no training: --init's accuracy per question template")
     args = parser.parse_args()
+    if args.templates:
+        if not args.init:
+            parser.error("--templates needs --init CHECKPOINT")
+        model, tokenizer = load(args.init)
+        rows = accuracy_by_template(model, tokenizer, ImageProcessor.for_model(model.config), args.qtype,
+                                    tuple(args.objects))
+        for template, n, acc, truth, answers in rows:
+            print(f"{n:5d} {100 * acc:5.1f}%  {template:<45} truth {truth}  model {answers}")
+        return
     r = probe_qtype(args.qtype, args.init, args.steps, args.docs, args.lr, tuple(args.objects))
     losses = r["losses"]
     tenth = max(1, len(losses) // 10)

@@ -92,7 +92,7 @@ def _seconds_per_step(config: MMLLMRecipeConfig, model, tokenizer) -> float:
     times = []
     for _ in range(3):
         start = time.perf_counter()
-        model(packed=next(batches)).loss.backward()
+        model(packed=next(batches), loss_only=True).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         times.append(time.perf_counter() - start)

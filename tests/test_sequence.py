@@ -86,6 +86,24 @@ def test_packed_forward_equals_per_document_forward_bidirectional_segments():
     assert bool(mask[4, 9]) and not bool(mask[0, 1])
 
 
+def test_loss_only_equals_the_full_head_loss_and_gradients():
+    torch.manual_seed(0)
+    model = DecoderLM(lm_tiny())
+    user = Segment("text", tokens=torch.arange(10, 16), loss=False)
+    docs = [Document([user, Segment("text", tokens=torch.arange(n, n + 4))]) for n in (20, 40, 60)]
+    packed = pack_documents(docs, max_tokens=24)
+    full = model(packed=packed).loss
+    full.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    fast = model(packed=packed, loss_only=True)
+    fast.loss.backward()
+    assert fast.logits is None
+    torch.testing.assert_close(fast.loss, full)
+    for grad, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, grad, atol=1e-6, rtol=1e-5)
+
+
 def test_labels_are_next_tokens_within_documents_and_respect_loss_flags():
     user = Segment("text", tokens=[1, 2, 3], loss=False)
     image = Segment("image", data=torch.zeros(3, 4, 4), length=2, bidirectional=True, loss=False)

@@ -53,9 +53,10 @@ class DecoderConfig:
 
 @dataclass
 class LMOutput:
-    """logits (B, T, V); loss (scalar, when labels were given); hidden_states (B, T, D) final-norm output."""
+    """logits (B, T, V), None after a `loss_only` call; loss (scalar, when labels were given);
+    hidden_states (B, T, D) final-norm output."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
 
@@ -86,7 +87,7 @@ class DecoderLM(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 packed: PackedBatch | None = None, kv_cache: KVCache | None = None,
-                labels: torch.Tensor | None = None, logits_to_keep: int = 0) -> LMOutput:
+                labels: torch.Tensor | None = None, logits_to_keep: int = 0, loss_only: bool = False) -> LMOutput:
         """Run the LM. input_ids (B, T) or inputs_embeds (B, T, D) -> LMOutput.
 
         attention_mask: (B, S) 1/0 padding mask over all keys (cached prefix + new tokens) or None;
@@ -94,7 +95,9 @@ class DecoderLM(nn.Module):
         packed: a PackedBatch — ids, positions, mask and labels all come from it;
         labels: (B, T) targets already aligned to each position (IGNORE_INDEX = no loss), as
             `PackedBatch.labels` are; for HF-style unshifted labels use `shift_labels`;
-        logits_to_keep: if > 0, only the last that many positions get logits (decoding).
+        logits_to_keep: if > 0, only the last that many positions get logits (decoding);
+        loss_only: training shortcut — the head runs only on labelled positions and `logits` is
+            None (in chat tuning most positions carry no loss, and the head is the widest matmul).
         """
         if packed is not None:
             input_ids, positions = packed.token_ids, packed.positions
@@ -109,6 +112,12 @@ class DecoderLM(nn.Module):
         h = self.norm(self.layers(x, rope=rope, mask=mask, kv_cache=kv_cache))
         if kv_cache is not None:
             kv_cache.advance(t)
+        if loss_only:
+            if labels is None:
+                raise ValueError("loss_only=True needs labels (or a packed batch holding them)")
+            scored = labels != IGNORE_INDEX
+            loss = F.cross_entropy(self.lm_head(h[scored]).float(), labels[scored])  # (N, V) rows only
+            return LMOutput(logits=None, loss=loss, hidden_states=h)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # (B, T, V)
         loss = None
         if labels is not None:

@@ -121,7 +121,8 @@ class MultimodalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 packed: PackedBatch | None = None, kv_cache=None, labels: torch.Tensor | None = None,
-                logits_to_keep: int = 0, inputs_embeds: torch.Tensor | None = None, **projector_inputs) -> LMOutput:
+                logits_to_keep: int = 0, loss_only: bool = False, inputs_embeds: torch.Tensor | None = None,
+                **projector_inputs) -> LMOutput:
         """Run the model; see `DecoderLM.forward` for the LM arguments.
 
         With `packed`, ids come from the batch and pixels from its image placements (layout order).
@@ -134,7 +135,8 @@ class MultimodalLM(nn.Module):
             padding = attention_mask if attention_mask is not None and attention_mask.shape == input_ids.shape else None
             inputs_embeds = self.embed(input_ids, pixel_values, padding, **projector_inputs)
         return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, positions=positions,
-                       packed=packed, kv_cache=kv_cache, labels=labels, logits_to_keep=logits_to_keep)
+                       packed=packed, kv_cache=kv_cache, labels=labels, logits_to_keep=logits_to_keep,
+                       loss_only=loss_only)
 
     def new_kv_cache(self, batch_size: int, max_len: int):
         """An empty KV cache for the LM."""

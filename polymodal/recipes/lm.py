@@ -108,7 +108,7 @@ def train_lm(config: LMRecipeConfig, documents: list[Document] | None = None, to
                               seed=config.train.seed)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"training {params / 1e6:.2f}M parameters on {len(documents)} documents")
-    result = train(model, batches, lambda m, batch: m(packed=batch).loss, config.train,
+    result = train(model, batches, lambda m, batch: m(packed=batch, loss_only=True).loss, config.train,
                    tokens_in_batch=lambda batch: batch.num_tokens, tokenizer=tokenizer)
     if config.train.out_dir:
         (Path(config.train.out_dir) / "recipe.yaml").write_text(config_to_yaml(config))

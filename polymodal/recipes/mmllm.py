@@ -15,6 +15,8 @@ Outputs under `train.out_dir`: training checkpoints, metrics, loss.png, recipe.y
 """
 from __future__ import annotations
 
+import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +24,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from polymodal.atomic import write_text_atomic
 from polymodal.config import config_to_yaml, load_config
 from polymodal.data.conversation import ImageProcessor, conversation_document, prompt_ids
 from polymodal.models.mmllm import MMLLMConfig, MultimodalLM
@@ -34,6 +37,8 @@ STAGES = ("align", "instruct")
 PARTS = ("vision", "projector", "lm")
 DEFAULT_TRAINABLE = {"align": ["projector"], "instruct": ["projector", "lm"]}
 IMAGE_TOKEN = "<image>"
+# Token budget of a recorded replay answer; answers that do not end within it are left out.
+REPLAY_ANSWER_TOKENS = 96
 
 
 @dataclass
@@ -44,7 +49,10 @@ class MMLLMDataConfig:
     turns: question turns per chat (instruct); docs_per_batch: chats packed per step;
     max_tokens: packed row length; preset: image preprocessing ("clip", "siglip", "llava");
     caption_styles (align): the world caption styles whose templates the captions are drawn from
-    ("short", "detailed", "grounded": place first, then the object).
+    ("short", "detailed", "grounded": place first, then the object);
+    text_replay (instruct): share of the chats that are text-only replay chats — general prompts
+    (`polymodal.data.general_chat.REPLAY_PROMPTS`) with the LM's own greedy answers, recorded
+    before the stage starts, so a pretrained LM keeps answering text as it did.
     """
 
     num_scenes: int = 20000
@@ -55,8 +63,11 @@ class MMLLMDataConfig:
     max_tokens: int = 512
     preset: str = "clip"
     caption_styles: list[str] = field(default_factory=lambda: ["short", "detailed"])
+    text_replay: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.text_replay < 1.0:
+            raise ValueError(f"MMLLMDataConfig.text_replay must be in [0, 1), got {self.text_replay!r}")
         from polymodal.data.world.text import CAPTION_STYLES
 
         unknown = [style for style in self.caption_styles if style not in CAPTION_STYLES]
@@ -73,6 +84,9 @@ class MMLLMRecipeConfig:
     ignored). lm_from: None (fresh LM on the world tokenizer), "smollm2" or a .gguf path.
     trainable: parts that train, from vision / projector / lm (None: the stage's default).
     lora: adapters on the LM (rank 0 = off); with LoRA, "lm" in `trainable` trains the adapters only.
+    text_retention (instruct): record the LM's greedy answers to the held-out
+    `RETENTION_QUESTIONS` before the stage and report how many are unchanged after it
+    (printed, and saved as `retention.json` in the out dir).
     """
 
     recipe: str = "mmllm"
@@ -84,6 +98,7 @@ class MMLLMRecipeConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     data: MMLLMDataConfig = field(default_factory=MMLLMDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    text_retention: bool = False
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -189,8 +204,27 @@ def world_documents(stage: str, tokenizer, processor: ImageProcessor, world, ima
     return document
 
 
-def make_batches(config: MMLLMRecipeConfig, model: MultimodalLM, tokenizer) -> ShuffledBatches:
-    """Resumable packed batches of world chats for the recipe's stage."""
+def with_text_replay(document, replay: Sequence[tuple[str, str]], tokenizer, share: float):
+    """Wrap an index -> Document function so that a fixed pseudo-random `share` of the indices
+    give a text-only (prompt, answer) chat from `replay` instead (the same ones on every epoch)."""
+    if not replay:
+        raise ValueError("text replay is on but no replay chats are available (no base answer finished in its budget)")
+    chats = [conversation_document(tokenizer, [{"role": "user", "content": prompt},
+                                               {"role": "assistant", "content": answer}], [], -1, 0)
+             for prompt, answer in replay]
+
+    def mixed(index: int) -> Document:
+        if random.Random(index).random() < share:
+            return chats[index % len(chats)]
+        return document(index)
+
+    return mixed
+
+
+def make_batches(config: MMLLMRecipeConfig, model: MultimodalLM, tokenizer,
+                 replay: Sequence[tuple[str, str]] = ()) -> ShuffledBatches:
+    """Resumable packed batches of world chats for the recipe's stage; with `config.data.text_replay`,
+    that share of the chats come from `replay` (prompt, answer) pairs."""
     from polymodal.data.world import World
 
     d = config.data
@@ -199,6 +233,8 @@ def make_batches(config: MMLLMRecipeConfig, model: MultimodalLM, tokenizer) -> S
     processor = ImageProcessor.for_model(model.config, d.preset)
     document = world_documents(config.stage, tokenizer, processor, world, model.config.image_token_id,
                                model.image_tokens, d.turns, d.caption_styles)
+    if config.stage == "instruct" and d.text_replay > 0:
+        document = with_text_replay(document, replay, tokenizer, d.text_replay)
     return ShuffledBatches(d.num_scenes, min(d.docs_per_batch, d.num_scenes),
                            lambda idx: pack_documents([document(int(i)) for i in idx], d.max_tokens, truncate=True),
                            seed=config.train.seed)
@@ -214,25 +250,77 @@ def train_mmllm(config: MMLLMRecipeConfig, model: MultimodalLM | None = None, to
     """
     if model is None:
         model, tokenizer = build_mmllm(config)
+    out = Path(config.train.out_dir) if config.train.out_dir else None
+    base_text = _base_text_answers(config, model, tokenizer, out)
     parts = config.trainable if config.trainable is not None else DEFAULT_TRAINABLE[config.stage]
     trainable = set_trainable(model, parts, config.lora)
     total = sum(p.numel() for p in model.parameters())
     lora = f", LoRA rank {config.lora.rank} on {list(config.lora.targets)}" if config.lora.rank and "lm" in parts else ""
     print(f"mmllm stage {config.stage!r}: training {trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters "
           f"({', '.join(parts)}{lora}); {model.image_tokens} tokens per image")
-    batches = make_batches(config, model, tokenizer)
-    result = train(model, batches, lambda m, batch: m(packed=batch).loss, config.train,
+    batches = make_batches(config, model, tokenizer, base_text.get("replay", ()))
+    result = train(model, batches, lambda m, batch: m(packed=batch, loss_only=True).loss, config.train,
                    tokens_in_batch=lambda batch: batch.num_tokens, tokenizer=tokenizer, on_step=on_step)
     merge_lora(model)
     model.requires_grad_(True)
+    if config.text_retention:
+        _report_retention(model, tokenizer, base_text["retention"], out)
     final = None
-    if config.train.out_dir:
+    if out is not None:
         from polymodal.checkpoint import save_checkpoint
 
-        out = Path(config.train.out_dir)
         final = save_checkpoint(model, out / "final", tokenizer, extra={"stage": config.stage, "step": result.step})
         (out / "recipe.yaml").write_text(config_to_yaml(config))
     return model, tokenizer, result, final
+
+
+def _base_text_answers(config: MMLLMRecipeConfig, model: MultimodalLM, tokenizer, out: Path | None) -> dict:
+    """The LM's own text answers before the stage, as the stage needs them: {"replay": finished
+    (prompt, answer) pairs} for text replay, {"retention": replies to RETENTION_QUESTIONS} for the
+    retention report. Kept in `out/base_text_answers.json`, so a resumed run reuses the answers of
+    the untuned model rather than recording its own half-tuned ones."""
+    from polymodal.data.general_chat import REPLAY_PROMPTS, RETENTION_QUESTIONS
+    from polymodal.eval.retention import finished_replies, text_replies
+
+    wanted = {"replay": config.stage == "instruct" and config.data.text_replay > 0,
+              "retention": config.stage == "instruct" and config.text_retention}
+    if not any(wanted.values()):
+        return {}
+    cache = out / "base_text_answers.json" if out is not None else None
+    if cache is not None and cache.exists():
+        answers = json.loads(cache.read_text())
+        if all(key in answers for key, on in wanted.items() if on):
+            return answers
+    print("mmllm: recording the LM's own answers to general text prompts before tuning")
+    model.eval()
+    answers = {}
+    if wanted["replay"]:
+        replies = text_replies(model, tokenizer, REPLAY_PROMPTS, max_new_tokens=REPLAY_ANSWER_TOKENS)
+        answers["replay"] = finished_replies(tokenizer, REPLAY_PROMPTS, replies, REPLAY_ANSWER_TOKENS)
+        print(f"  text replay: {len(answers['replay'])} of {len(REPLAY_PROMPTS)} answers finished within "
+              f"{REPLAY_ANSWER_TOKENS} tokens")
+    if wanted["retention"]:
+        answers["retention"] = text_replies(model, tokenizer, RETENTION_QUESTIONS)
+    model.train()
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(cache, json.dumps(answers, indent=1))
+    return answers
+
+
+def _report_retention(model: MultimodalLM, tokenizer, base: Sequence[str], out: Path | None) -> dict:
+    """Compare the tuned model's text answers with `base`; print the count and save retention.json."""
+    from polymodal.data.general_chat import RETENTION_QUESTIONS
+    from polymodal.eval.retention import retention_report, text_replies
+
+    model.eval()
+    report = retention_report(RETENTION_QUESTIONS, base, text_replies(model, tokenizer, RETENTION_QUESTIONS))
+    model.train()
+    print(f"text retention: {report['unchanged']} of {report['total']} general questions keep the base model's answer")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "retention.json", json.dumps(report, indent=1))
+    return report
 
 
 def run_mmllm_recipe(path: str | Path, overrides: Sequence[str] = ()) -> TrainResult:

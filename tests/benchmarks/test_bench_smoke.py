@@ -122,3 +122,11 @@ def test_qtype_probe_trains_on_one_question_type():
     r = probe_mmllm_qtype.probe_qtype("existence", steps=2, docs=4, eval_scenes=2)
     assert len(r["losses"]) == 2 and all(math.isfinite(v) for v in r["losses"])
     assert 0.0 <= r["before"][0] <= 1.0 and 0.0 <= r["after"][0] <= 1.0
+
+
+def test_question_templates_hide_colors_and_shapes():
+    import probe_mmllm_qtype
+
+    assert probe_mmllm_qtype.question_template("How many purple objects are there?") == "How many C objects are there?"
+    assert probe_mmllm_qtype.question_template("How many crosses are there?") == "How many S are there?"
+    assert probe_mmllm_qtype.question_template("Is the red star left of the cyan circle?") == "Is the C S left of the C S?"

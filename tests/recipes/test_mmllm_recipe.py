@@ -61,3 +61,65 @@ def test_align_captions_follow_caption_styles():
     for index in range(3):
         answer = [seg for seg in document(index).segments if seg.loss]
         assert tokenizer.decode(answer[0].tokens.tolist()).strip().startswith(world[index].caption("grounded"))
+
+
+def test_text_replay_mixes_the_share_of_text_chats_with_loss_on_the_answer_only():
+    from polymodal.data.world import world_tokenizer
+    from polymodal.recipes.mmllm import IMAGE_TOKEN, with_text_replay, world_documents
+
+    tokenizer = world_tokenizer()
+    world = World("train", image_size=32)
+    visual = world_documents("instruct", tokenizer, ImageProcessor(32), world, tokenizer.token_to_id(IMAGE_TOKEN), 4,
+                             turns=2, caption_styles=["short"])
+    replay = [("What is 7 plus 5?", "12"), ("Name a color.", "blue")]
+    mixed = with_text_replay(visual, replay, tokenizer, share=0.25)
+    docs = [mixed(i) for i in range(400)]
+    text_only = [d for d in docs if not any(s.modality == "image" for s in d.segments)]
+    assert 0.18 < len(text_only) / len(docs) < 0.32
+    answers = {tokenizer.decode([t for s in d.segments if s.loss for t in s.tokens.tolist()]).strip() for d in text_only}
+    assert answers == {"12<|im_end|>", "blue<|im_end|>"}  # the answer and its end-of-turn token
+    assert [len(mixed(i)) for i in range(20)] == [len(d) for d in docs[:20]]  # the same choice on every epoch
+    with pytest.raises(ValueError, match="no replay chats"):
+        with_text_replay(visual, [], tokenizer, share=0.25)
+    with pytest.raises(ValueError, match="text_replay"):
+        MMLLMDataConfig(text_replay=1.0)
+
+
+def test_finished_replies_and_retention_report():
+    from polymodal.data.world import world_tokenizer
+    from polymodal.eval.retention import finished_replies, retention_report
+
+    tokenizer = world_tokenizer()
+    kept = finished_replies(tokenizer, ["a", "b", "c"], ["short answer", "word " * 40, ""], max_new_tokens=20)
+    assert kept == [("a", "short answer")]
+    report = retention_report(["q1", "q2"], ["yes", "no"], ["yes", "maybe"])
+    assert report["unchanged"] == 1 and report["total"] == 2 and report["items"][1]["tuned"] == "maybe"
+    with pytest.raises(ValueError, match="2 questions"):
+        retention_report(["q1", "q2"], ["yes"], ["yes"])
+
+
+def test_instruct_stage_replays_recorded_text_answers_and_reports_retention(tmp_path, capsys):
+    from polymodal.data.general_chat import RETENTION_QUESTIONS
+
+    align, instruct = tmp_path / "align", tmp_path / "instruct"
+    assert main(["train", str(CONFIGS / "tiny_align.yaml"), f"train.out_dir={align}", "train.steps=2"]) == 0
+    # A tiny random LM rarely ends a reply on its own, so the recorded answers are given, as a
+    # resumed run finds them: the recipe must reuse them rather than record its own.
+    instruct.mkdir()
+    base = ["four"] * len(RETENTION_QUESTIONS)
+    (instruct / "base_text_answers.json").write_text(json.dumps({"replay": [["Say four.", "four"]], "retention": base}))
+    assert main(["train", str(CONFIGS / "tiny_instruct.yaml"), f"train.out_dir={instruct}", f"init_from={align / 'final'}",
+                 "data.text_replay=0.5", "text_retention=true", "train.steps=3"]) == 0
+    assert "general questions keep the base model's answer" in capsys.readouterr().out
+    report = json.loads((instruct / "retention.json").read_text())
+    assert report["total"] == len(RETENTION_QUESTIONS) and [i["base"] for i in report["items"]] == base
+
+
+def test_retention_counts_every_answer_unchanged_when_the_lm_does_not_move(tmp_path, capsys):
+    align, instruct = tmp_path / "align", tmp_path / "instruct"
+    assert main(["train", str(CONFIGS / "tiny_align.yaml"), f"train.out_dir={align}", "train.steps=2"]) == 0
+    assert main(["train", str(CONFIGS / "tiny_instruct.yaml"), f"train.out_dir={instruct}", f"init_from={align / 'final'}",
+                 "text_retention=true", "train.steps=2", "train.lr=0"]) == 0
+    report = json.loads((instruct / "retention.json").read_text())
+    assert report["unchanged"] == report["total"] == 8
+    assert json.loads((instruct / "base_text_answers.json").read_text())["retention"] == [i["base"] for i in report["items"]]

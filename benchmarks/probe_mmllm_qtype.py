@@ -35,17 +35,23 @@ from polymodal.train.data import ShuffledBatches
 from polymodal.train.loop import TrainConfig, train
 
 
-def accuracy(model, tokenizer, processor, qtype: str, objects: tuple[int, int], scenes: int = 60) -> tuple[float, list]:
-    """(val exact match on `qtype`, the 4 most common answers) over `scenes` val scenes."""
-    items, truth = [], []
+def _val_questions(processor, qtype: str, objects: tuple[int, int], scenes: int) -> tuple[list, list]:
+    """([(image, question)], [qa]) for every `qtype` question of the first `scenes` val scenes."""
+    items, qas = [], []
     for scene in World("val", image_size=processor.size, num_objects=objects).scenes(scenes):
         for qa in scene.questions():
             if qa.qtype == qtype:
                 items.append((scene.image(), qa.question))
-                truth.append(qa.answer)
+                qas.append(qa)
+    return items, qas
+
+
+def accuracy(model, tokenizer, processor, qtype: str, objects: tuple[int, int], scenes: int = 60) -> tuple[float, list]:
+    """(val exact match on `qtype`, the 4 most common answers) over `scenes` val scenes."""
+    items, qas = _val_questions(processor, qtype, objects, scenes)
     answers = answer_questions(model, tokenizer, processor, items)
-    correct = sum(a == t for a, t in zip(answers, truth))
-    return correct / len(truth), collections.Counter(answers).most_common(4)
+    correct = sum(a == qa.answer for a, qa in zip(answers, qas))
+    return correct / len(qas), collections.Counter(answers).most_common(4)
 
 
 def question_template(question: str) -> str:
@@ -59,14 +65,9 @@ def accuracy_by_template(model, tokenizer, processor, qtype: str, objects: tuple
     """Per question template of `qtype` on `scenes` val scenes: (template, count, exact match,
     {true answer: count}, {model answer: count}), most frequent template first."""
     asked = collections.defaultdict(list)  # template -> [(truth, answer)]
-    items, keys = [], []
-    for scene in World("val", image_size=processor.size, num_objects=objects).scenes(scenes):
-        for qa in scene.questions():
-            if qa.qtype == qtype:
-                items.append((scene.image(), qa.question))
-                keys.append((question_template(qa.question), qa.answer))
-    for (template, truth), answer in zip(keys, answer_questions(model, tokenizer, processor, items)):
-        asked[template].append((truth, answer))
+    items, qas = _val_questions(processor, qtype, objects, scenes)
+    for qa, answer in zip(qas, answer_questions(model, tokenizer, processor, items)):
+        asked[question_template(qa.question)].append((qa.answer, answer))
     rows = [(t, len(pairs), sum(a == b for a, b in pairs) / len(pairs), dict(collections.Counter(a for a, _ in pairs)),
              dict(collections.Counter(b for _, b in pairs))) for t, pairs in asked.items()]
     return sorted(rows, key=lambda row: -row[1])

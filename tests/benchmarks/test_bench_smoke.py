@@ -130,3 +130,17 @@ def test_question_templates_hide_colors_and_shapes():
     assert probe_mmllm_qtype.question_template("How many purple objects are there?") == "How many C objects are there?"
     assert probe_mmllm_qtype.question_template("How many crosses are there?") == "How many S are there?"
     assert probe_mmllm_qtype.question_template("Is the red star left of the cyan circle?") == "Is the C S left of the C S?"
+    from pathlib import Path
+
+    from polymodal.data.conversation import ImageProcessor
+    from polymodal.data.world import World
+    from polymodal.quickstart import stage_config
+    from polymodal.recipes.mmllm import build_mmllm
+
+    model, tokenizer = build_mmllm(stage_config("instruct", Path("unused"), seed=0))
+    rows = probe_mmllm_qtype.accuracy_by_template(model, tokenizer, ImageProcessor.for_model(model.config), "count",
+                                                  scenes=2)
+    asked = [qa for s in World("val", image_size=96, num_objects=(1, 3)).scenes(2) for qa in s.questions()
+             if qa.qtype == "count"]
+    assert sum(n for _, n, *_ in rows) == len(asked)
+    assert all(sum(truth.values()) == sum(answers.values()) == n for _, n, _, truth, answers in rows)

@@ -100,6 +100,11 @@ class MMLLMRecipeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     text_retention: bool = False
 
+    @property
+    def replays_text(self) -> bool:
+        """Whether this stage mixes text replay chats into its data (stage 2 with `data.text_replay`)."""
+        return self.stage == "instruct" and self.data.text_replay > 0
+
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"mmllm recipe: stage must be one of {STAGES}, got {self.stage!r}")
@@ -233,7 +238,7 @@ def make_batches(config: MMLLMRecipeConfig, model: MultimodalLM, tokenizer,
     processor = ImageProcessor.for_model(model.config, d.preset)
     document = world_documents(config.stage, tokenizer, processor, world, model.config.image_token_id,
                                model.image_tokens, d.turns, d.caption_styles)
-    if config.stage == "instruct" and d.text_replay > 0:
+    if config.replays_text:
         document = with_text_replay(document, replay, tokenizer, d.text_replay)
     return ShuffledBatches(d.num_scenes, min(d.docs_per_batch, d.num_scenes),
                            lambda idx: pack_documents([document(int(i)) for i in idx], d.max_tokens, truncate=True),
@@ -277,29 +282,27 @@ def train_mmllm(config: MMLLMRecipeConfig, model: MultimodalLM | None = None, to
 def _base_text_answers(config: MMLLMRecipeConfig, model: MultimodalLM, tokenizer, out: Path | None) -> dict:
     """The LM's own text answers before the stage, as the stage needs them: {"replay": finished
     (prompt, answer) pairs} for text replay, {"retention": replies to RETENTION_QUESTIONS} for the
-    retention report. Kept in `out/base_text_answers.json`, so a resumed run reuses the answers of
-    the untuned model rather than recording its own half-tuned ones."""
+    retention report. Kept in `out/base_text_answers.json`: a resumed run reuses what was recorded
+    and generates only what is missing."""
     from polymodal.data.general_chat import REPLAY_PROMPTS, RETENTION_QUESTIONS
     from polymodal.eval.retention import finished_replies, text_replies
 
-    wanted = {"replay": config.stage == "instruct" and config.data.text_replay > 0,
-              "retention": config.stage == "instruct" and config.text_retention}
+    wanted = {"replay": config.replays_text, "retention": config.stage == "instruct" and config.text_retention}
     if not any(wanted.values()):
         return {}
     cache = out / "base_text_answers.json" if out is not None else None
-    if cache is not None and cache.exists():
-        answers = json.loads(cache.read_text())
-        if all(key in answers for key, on in wanted.items() if on):
-            return answers
+    answers = json.loads(cache.read_text()) if cache is not None and cache.exists() else {}
+    missing = [key for key, on in wanted.items() if on and key not in answers]
+    if not missing:
+        return answers
     print("mmllm: recording the LM's own answers to general text prompts before tuning")
     model.eval()
-    answers = {}
-    if wanted["replay"]:
+    if "replay" in missing:
         replies = text_replies(model, tokenizer, REPLAY_PROMPTS, max_new_tokens=REPLAY_ANSWER_TOKENS)
         answers["replay"] = finished_replies(tokenizer, REPLAY_PROMPTS, replies, REPLAY_ANSWER_TOKENS)
         print(f"  text replay: {len(answers['replay'])} of {len(REPLAY_PROMPTS)} answers finished within "
               f"{REPLAY_ANSWER_TOKENS} tokens")
-    if wanted["retention"]:
+    if "retention" in missing:
         answers["retention"] = text_replies(model, tokenizer, RETENTION_QUESTIONS)
     model.train()
     if cache is not None:

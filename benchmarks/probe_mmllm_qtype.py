@@ -8,8 +8,14 @@ the most common answers before and after. A loss that stays at the entropy of th
 nothing of the image-question relation, whatever the step count.
 
 Usage: python benchmarks/probe_mmllm_qtype.py --qtype existence [--init CHECKPOINT] [--steps 400]
-       [--docs 80] [--lr 5e-4] [--objects 1 3]
-Without --init the quickstart's model is built fresh (random LM, frozen random patch encoder).
+       [--docs 80] [--lr 5e-4] [--warmup N] [--untied] [--objects 1 3] [--scene-as image|words|scrambled]
+Without --init the quickstart's model is built fresh (random LM, frozen random patch encoder);
+--untied gives it separate input and output word embeddings.
+--scene-as words replaces the image by text naming each object ("red circle , blue star"), and
+scrambled names colors and shapes with words the questions never use for them (digits, number
+words), so scene and question share no token: this separates "the LM cannot learn the
+comparison" from "the LM cannot compare two different representations of the same thing". With
+a text scene there is no val exact match; the answer loss tells.
 With --templates, nothing trains: the --init checkpoint's val exact match is printed per question
 template of the type (color and shape words replaced by C and S) with its answer counts, which
 shows which forms are answered and which get one constant answer.
@@ -27,6 +33,7 @@ import torch
 from polymodal.api import load
 from polymodal.data.conversation import ImageProcessor, conversation_document
 from polymodal.data.world import COLORS, QTYPES, SHAPES, World
+from polymodal.data.world.text import NUMBER_WORDS
 from polymodal.nn.lora import LoRAConfig
 from polymodal.quickstart import stage_config
 from polymodal.recipes.mmllm import IMAGE_TOKEN, answer_questions, build_mmllm, set_trainable
@@ -73,40 +80,66 @@ def accuracy_by_template(model, tokenizer, processor, qtype: str, objects: tuple
     return sorted(rows, key=lambda row: -row[1])
 
 
-def one_question_chat(scene, qtype: str) -> list[dict]:
-    """A one-turn chat asking one `qtype` question of `scene` (any question if it has none of that type)."""
+SCENE_FORMS = ("image", "words", "scrambled")
+# The scrambled scene's names: each color a digit, each shape a number word (neither names a
+# color or shape in any question).
+SCRAMBLED_NAMES = {**{c: str(i) for i, c in enumerate(COLORS)}, **{s: NUMBER_WORDS[i + 1] for i, s in enumerate(SHAPES)}}
+
+
+def scene_words(scene, scrambled: bool = False) -> str:
+    """The scene's objects as text, "red circle , blue star" (scrambled: "0 one , 2 five")."""
+    name = SCRAMBLED_NAMES.get if scrambled else str
+    return " , ".join(f"{name(o.color)} {name(o.shape)}" for o in scene.objects)
+
+
+def one_question_chat(scene, qtype: str, scene_as: str = "image") -> list[dict]:
+    """A one-turn chat asking one `qtype` question of `scene` (any question if it has none of that
+    type); the scene is the image, or text when `scene_as` is "words" / "scrambled"."""
+    if scene_as not in SCENE_FORMS:
+        raise ValueError(f"scene_as must be one of {SCENE_FORMS}, got {scene_as!r}")
     pool = [qa for qa in scene.questions() if qa.qtype == qtype] or scene.questions()
     qa = pool[scene.seed % len(pool)]
-    return [{"role": "user", "content": IMAGE_TOKEN + "\n" + qa.question}, {"role": "assistant", "content": qa.answer}]
+    context = IMAGE_TOKEN if scene_as == "image" else scene_words(scene, scrambled=scene_as == "scrambled")
+    return [{"role": "user", "content": context + "\n" + qa.question}, {"role": "assistant", "content": qa.answer}]
 
 
 def probe_qtype(qtype: str, init: str | None = None, steps: int = 400, docs: int = 80, lr: float = 5e-4,
-                objects: tuple[int, int] = (1, 3), eval_scenes: int = 60) -> dict:
-    """Train on `qtype` questions alone; returns {"losses": per step, "before"/"after": (accuracy, top answers)}."""
+                objects: tuple[int, int] = (1, 3), eval_scenes: int = 60, scene_as: str = "image",
+                warmup: int | None = None, untied: bool = False) -> dict:
+    """Train on `qtype` questions alone; returns {"losses": per step, "before"/"after": (accuracy,
+    top answers), or None with a text scene}. warmup: linear warm-up steps (default steps // 20)."""
+    if init and untied:
+        raise ValueError("probe_qtype: untied builds a fresh model; it cannot be combined with init")
     torch.manual_seed(0)
     if init:
         model, tokenizer = load(init)
     else:
         # Only the stage config's model and tokenizer settings are read here; nothing is written.
-        model, tokenizer = build_mmllm(stage_config("instruct", Path("unused"), seed=0))
+        config = stage_config("instruct", Path("unused"), seed=0)
+        config.model.lm.tie_word_embeddings = not untied
+        model, tokenizer = build_mmllm(config)
     set_trainable(model, ["projector", "lm"], LoRAConfig())
     processor = ImageProcessor.for_model(model.config)
     world = World("train", image_size=processor.size, num_objects=objects)
 
     def document(index: int):
         scene = world[index]
-        return conversation_document(tokenizer, one_question_chat(scene, qtype), [processor(scene.image())],
+        images = [processor(scene.image())] if scene_as == "image" else []
+        return conversation_document(tokenizer, one_question_chat(scene, qtype, scene_as), images,
                                      model.config.image_token_id, model.image_tokens)
 
-    before = accuracy(model, tokenizer, processor, qtype, objects, eval_scenes)
+    def val_accuracy():
+        return accuracy(model, tokenizer, processor, qtype, objects, eval_scenes) if scene_as == "image" else None
+
+    before = val_accuracy()
     batches = ShuffledBatches(50_000, docs, lambda idx: pack_documents([document(int(i)) for i in idx], 256,
                                                                       truncate=True))
-    config = TrainConfig(steps=steps, lr=lr, warmup_steps=max(1, steps // 20), weight_decay=0.01)
+    config = TrainConfig(steps=steps, lr=lr, warmup_steps=max(1, steps // 20) if warmup is None else warmup,
+                         weight_decay=0.01)
     model.train()
     result = train(model, batches, lambda m, batch: m(packed=batch, loss_only=True).loss, config,
                    tokens_in_batch=lambda batch: batch.num_tokens)
-    return {"losses": result.losses, "before": before,
-            "after": accuracy(model, tokenizer, processor, qtype, objects, eval_scenes)}
+    return {"losses": result.losses, "before": before, "after": val_accuracy()}
 
 
 def main() -> None:
@@ -116,7 +149,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--docs", type=int, default=80, help="one-question chats per step")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=int, help="linear warm-up steps (default: steps // 20)")
+    parser.add_argument("--untied", action="store_true", help="fresh model: separate input and output word embeddings")
     parser.add_argument("--objects", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"))
+    parser.add_argument("--scene-as", choices=SCENE_FORMS, default="image", help="the scene as the image or as text")
     parser.add_argument("--templates", action="store_true", help="no training: --init's accuracy per question template")
     args = parser.parse_args()
     if args.templates:
@@ -128,13 +164,14 @@ def main() -> None:
         for template, n, acc, truth, answers in rows:
             print(f"{n:5d} {100 * acc:5.1f}%  {template:<45} truth {truth}  model {answers}")
         return
-    r = probe_qtype(args.qtype, args.init, args.steps, args.docs, args.lr, tuple(args.objects))
+    r = probe_qtype(args.qtype, args.init, args.steps, args.docs, args.lr, tuple(args.objects), scene_as=args.scene_as,
+                    warmup=args.warmup, untied=args.untied)
     losses = r["losses"]
     tenth = max(1, len(losses) // 10)
     curve = [sum(losses[i:i + tenth]) / len(losses[i:i + tenth]) for i in range(0, len(losses), tenth)]
     print(f"{args.qtype}: answer loss per tenth of the run: {', '.join(f'{v:.3f}' for v in curve)}")
     print(f"  (a constant balanced yes/no answer scores ln 2 / 2 = {math.log(2) / 2:.3f})")
-    for when in ("before", "after"):
+    for when in ("before", "after") if r["before"] else ():
         print(f"val exact match {when:<6} {100 * r[when][0]:.1f}% {r[when][1]}")
 
 

@@ -124,6 +124,26 @@ def test_qtype_probe_trains_on_one_question_type():
     assert 0.0 <= r["before"][0] <= 1.0 and 0.0 <= r["after"][0] <= 1.0
 
 
+def test_qtype_probe_with_the_scene_as_text():
+    import probe_mmllm_qtype
+
+    from polymodal.data.world import World
+    from polymodal.data.world.text import questions
+
+    scene = next(iter(World("train", image_size=96, num_objects=(2, 3)).scenes(1)))
+    words = probe_mmllm_qtype.scene_words(scene)
+    assert words == " , ".join(f"{o.color} {o.shape}" for o in scene.objects)
+    scrambled = probe_mmllm_qtype.scene_words(scene, scrambled=True).split()
+    asked = {w for qa in questions(scene) for w in qa.question.rstrip("?").split()}
+    assert len(scrambled) == len(words.split()) and not asked & set(scrambled) - {","}
+    user, _ = probe_mmllm_qtype.one_question_chat(scene, "existence", scene_as="words")
+    assert user["content"].startswith(words + "\n") and "<image>" not in user["content"]
+    r = probe_mmllm_qtype.probe_qtype("existence", steps=2, docs=4, scene_as="scrambled", untied=True, warmup=1)
+    assert len(r["losses"]) == 2 and r["before"] is None and r["after"] is None
+    with pytest.raises(ValueError, match="scene_as"):
+        probe_mmllm_qtype.one_question_chat(scene, "existence", scene_as="pixels")
+
+
 def test_question_templates_hide_colors_and_shapes():
     import probe_mmllm_qtype
 

@@ -115,9 +115,9 @@ def probe_qtype(qtype: str, init: str | None = None, steps: int = 400, docs: int
         model, tokenizer = load(init)
     else:
         # Only the stage config's model and tokenizer settings are read here; nothing is written.
-        config = stage_config("instruct", Path("unused"), seed=0)
-        config.model.lm.tie_word_embeddings = not untied
-        model, tokenizer = build_mmllm(config)
+        stage = stage_config("instruct", Path("unused"), seed=0)
+        stage.model.lm.tie_word_embeddings = not untied
+        model, tokenizer = build_mmllm(stage)
     set_trainable(model, ["projector", "lm"], LoRAConfig())
     processor = ImageProcessor.for_model(model.config)
     world = World("train", image_size=processor.size, num_objects=objects)
@@ -171,8 +171,9 @@ def main() -> None:
     curve = [sum(losses[i:i + tenth]) / len(losses[i:i + tenth]) for i in range(0, len(losses), tenth)]
     print(f"{args.qtype}: answer loss per tenth of the run: {', '.join(f'{v:.3f}' for v in curve)}")
     print(f"  (a constant balanced yes/no answer scores ln 2 / 2 = {math.log(2) / 2:.3f})")
-    for when in ("before", "after") if r["before"] else ():
-        print(f"val exact match {when:<6} {100 * r[when][0]:.1f}% {r[when][1]}")
+    if r["before"] is not None:  # None with a text scene
+        for when in ("before", "after"):
+            print(f"val exact match {when:<6} {100 * r[when][0]:.1f}% {r[when][1]}")
 
 
 if __name__ == "__main__":

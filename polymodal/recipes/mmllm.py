@@ -105,6 +105,11 @@ class MMLLMRecipeConfig:
         """Whether this stage mixes text replay chats into its data (stage 2 with `data.text_replay`)."""
         return self.stage == "instruct" and self.data.text_replay > 0
 
+    @property
+    def reports_retention(self) -> bool:
+        """Whether this stage records and reports text retention (stage 2 with `text_retention`)."""
+        return self.stage == "instruct" and self.text_retention
+
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"mmllm recipe: stage must be one of {STAGES}, got {self.stage!r}")
@@ -268,7 +273,7 @@ def train_mmllm(config: MMLLMRecipeConfig, model: MultimodalLM | None = None, to
                    tokens_in_batch=lambda batch: batch.num_tokens, tokenizer=tokenizer, on_step=on_step)
     merge_lora(model)
     model.requires_grad_(True)
-    if config.text_retention:
+    if config.reports_retention:
         _report_retention(model, tokenizer, base_text["retention"], out)
     final = None
     if out is not None:
@@ -287,7 +292,7 @@ def _base_text_answers(config: MMLLMRecipeConfig, model: MultimodalLM, tokenizer
     from polymodal.data.general_chat import REPLAY_PROMPTS, RETENTION_QUESTIONS
     from polymodal.eval.retention import finished_replies, text_replies
 
-    wanted = {"replay": config.replays_text, "retention": config.stage == "instruct" and config.text_retention}
+    wanted = {"replay": config.replays_text, "retention": config.reports_retention}
     if not any(wanted.values()):
         return {}
     cache = out / "base_text_answers.json" if out is not None else None

@@ -117,7 +117,10 @@ def test_instruct_stage_replays_recorded_text_answers_and_reports_retention(tmp_
 
 def test_retention_counts_every_answer_unchanged_when_the_lm_does_not_move(tmp_path, capsys):
     align, instruct = tmp_path / "align", tmp_path / "instruct"
-    assert main(["train", str(CONFIGS / "tiny_align.yaml"), f"train.out_dir={align}", "train.steps=2"]) == 0
+    # Retention is a stage-2 report: the align stage ignores the flag, as it ignores text replay.
+    assert main(["train", str(CONFIGS / "tiny_align.yaml"), f"train.out_dir={align}", "train.steps=2",
+                 "text_retention=true"]) == 0
+    assert not (align / "retention.json").exists()
     assert main(["train", str(CONFIGS / "tiny_instruct.yaml"), f"train.out_dir={instruct}", f"init_from={align / 'final'}",
                  "text_retention=true", "train.steps=2", "train.lr=0"]) == 0
     report = json.loads((instruct / "retention.json").read_text())

@@ -36,7 +36,8 @@ from polymodal.data.world import COLORS, QTYPES, SHAPES, World
 from polymodal.data.world.text import NUMBER_WORDS
 from polymodal.nn.lora import LoRAConfig
 from polymodal.quickstart import stage_config
-from polymodal.recipes.mmllm import IMAGE_TOKEN, answer_questions, build_mmllm, set_trainable
+from polymodal.eval.mmllm import answer_questions
+from polymodal.recipes.mmllm import IMAGE_TOKEN, build_mmllm, set_trainable
 from polymodal.sequence import pack_documents
 from polymodal.train.data import ShuffledBatches
 from polymodal.train.loop import TrainConfig, train

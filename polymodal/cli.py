@@ -39,7 +39,7 @@ def _train(args: argparse.Namespace) -> None:
 def _quickstart(args: argparse.Namespace) -> None:
     from polymodal.quickstart import quickstart
 
-    quickstart(minutes=args.minutes, out=args.out)
+    quickstart(minutes=args.minutes, out=args.out, overwrite=args.overwrite)
 
 
 def _dtype(name: str | None):
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="train, evaluate and demo a small multimodal LM end to end on the CPU")
     p.add_argument("--minutes", type=float, default=9.0, help="time budget for training and evaluation")
     p.add_argument("--out", default="runs/quickstart", help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart run in --out")
     p.set_defaults(func=_quickstart)
 
     p = sub.add_parser("convert", help="HF folder or GGUF -> polymodal checkpoint (or --to hf for the way back)")

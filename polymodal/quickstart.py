@@ -21,12 +21,12 @@ import torch
 
 from polymodal.backbones.decoder import DecoderConfig
 from polymodal.encoders.vit import ViTConfig
+from polymodal.eval.mmllm import answer_questions
 from polymodal.models.mmllm import MMLLMConfig
 from polymodal.projectors import ProjectorConfig
 from polymodal.recipes.mmllm import (
     MMLLMDataConfig,
     MMLLMRecipeConfig,
-    answer_questions,
     build_mmllm,
     make_batches,
     set_trainable,
@@ -78,9 +78,21 @@ def stage_config(stage: str, out: Path, seed: int, steps: int = 1, init_from: st
     # colors a linear probe reads at 98%); at these rates they stay near 14 and get used.
     train = TrainConfig(steps=steps, lr=7.5e-4 if stage == "align" else 5e-4, warmup_steps=max(1, steps // 20),
                         weight_decay=0.01, out_dir=str(out / stage), ckpt_every=0, keep_checkpoints=1, seed=seed,
-                        resume=True, log_every=5)
+                        log_every=5)
     return MMLLMRecipeConfig(stage=stage, init_from=init_from, model=quickstart_model(), data=data,
                              trainable=["projector", "lm"], train=train)
+
+
+def _clear_previous_run(out: Path, overwrite: bool) -> None:
+    """Refuse (or, with `overwrite`, delete) an earlier quickstart run's stage folders under `out`."""
+    import shutil
+
+    previous = [out / stage for stage in ("align", "instruct") if (out / stage).exists()]
+    if previous and not overwrite:
+        raise ValueError(f"{out} already holds a quickstart run ({', '.join(str(p) for p in previous)}); "
+                         "pass --overwrite to replace it, or choose another --out")
+    for folder in previous:
+        shutil.rmtree(folder)
 
 
 def _seconds_per_step(config: MMLLMRecipeConfig, model, tokenizer) -> float:
@@ -99,8 +111,13 @@ def _seconds_per_step(config: MMLLMRecipeConfig, model, tokenizer) -> float:
     return min(times[1:])
 
 
-def quickstart(minutes: float = 9.0, out: str | Path = "runs/quickstart", seed: int = 0, eval_scenes: int = 100) -> dict:
+def quickstart(minutes: float = 9.0, out: str | Path = "runs/quickstart", seed: int = 0, eval_scenes: int = 100,
+               overwrite: bool = False) -> dict:
     """Run the whole quickstart in about `minutes` (training and evaluation).
+
+    A folder that already holds a quickstart run is an error unless `overwrite` (its stage
+    folders are then deleted first): the step counts follow the time budget, so continuing an
+    earlier run's checkpoints would mix two schedules.
 
     Returns the figures of `polymodal.eval.mmllm.evaluate_world` on `eval_scenes` scenes per
     column of EVAL_COLUMNS: {"val/<qtype>": VQA exact match, "val/all", "val/bleu4", "val/cider",
@@ -111,6 +128,7 @@ def quickstart(minutes: float = 9.0, out: str | Path = "runs/quickstart", seed: 
     from polymodal.eval.mmllm import evaluate_world
 
     out = Path(out)
+    _clear_previous_run(out, overwrite)
     started = time.perf_counter()
     torch.manual_seed(seed)
     print(f"polymodal quickstart: a multimodal LM from scratch in ~{minutes:.1f} min on {torch.get_num_threads()} "

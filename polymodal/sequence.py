@@ -283,7 +283,7 @@ def _truncated(doc: Document, max_tokens: int, index: int) -> Document:
         if seg.length <= room:
             kept.append(seg)
             room -= seg.length
-        elif seg.tokens is not None:
+        elif seg.tokens is not None and seg.data is None:  # a payload's placeholders are all or nothing
             kept.append(Segment(seg.modality, tokens=seg.tokens[:room], bidirectional=seg.bidirectional, loss=seg.loss))
             room = 0
         else:

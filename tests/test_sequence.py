@@ -36,6 +36,15 @@ def test_too_long_document_is_an_error_unless_truncated():
     assert pack_documents(docs, max_tokens=16, truncate=True).num_tokens == 16
 
 
+def test_truncation_never_cuts_an_image_apart_from_its_pixels():
+    """An image segment that no longer fits is dropped whole: no orphan placeholders."""
+    image = Segment("image", tokens=[7] * 16, data=torch.zeros(3, 4, 4), loss=False)
+    doc = Document([Segment("text", tokens=torch.arange(5)), image, Segment("text", tokens=torch.arange(3))])
+    packed = pack_documents([doc], max_tokens=12, truncate=True)
+    assert packed.num_tokens == 5 and not packed.placements
+    assert not (packed.token_ids == 7).any()
+
+
 def test_attention_rule_matches_its_definition():
     doc_ids = torch.tensor([[0, 0, 0, 0, 1, 1, 1, -1]])
     seg_ids = torch.tensor([[0, 1, 1, 2, 0, 0, 1, -1]])

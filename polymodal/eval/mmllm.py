@@ -11,12 +11,12 @@ Generation is greedy and batched; each prompt carries its own copy of the scene 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import torch
 
-from polymodal.data.conversation import ImageProcessor
+from polymodal.data.conversation import IMAGE_MARKER, ImageProcessor
 from polymodal.eval.captioning import caption_scores
 from polymodal.eval.vqa import vqa_accuracy
 from polymodal.infer.chat import encode_chat, generate_replies
@@ -24,20 +24,38 @@ from polymodal.infer.chat import encode_chat, generate_replies
 CAPTION_PROMPT = "Describe the image."
 
 
-def _run(model, tokenizer, items: Sequence[tuple[str, int]], pixels_of, batch_size: int, max_new_tokens: int,
-         bar) -> list[str]:
-    """Replies to (question, scene index) items, `batch_size` prompts per generate call.
+def _replies(model, tokenizer, prompts: Sequence[str], image_of: Callable[[int], object], batch_size: int,
+             max_new_tokens: int, processor: ImageProcessor | None = None, bar=None) -> list[str]:
+    """Greedy replies to one-turn chats "<image>\\n{prompt}", `batch_size` prompts per generate call.
 
-    pixels_of(scene index) -> (3, H, W); images are made per batch, not held for the whole split.
+    image_of(i) -> the i-th prompt's image (PIL, array or processed (3, H, W) tensor); images are
+    made per batch, not held for the whole list.
     """
     replies: list[str] = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        prompts = [encode_chat(model, tokenizer, [{"role": "user", "content": "<image>\n" + q}], [pixels_of(k)])
-                   for q, k in chunk]
-        replies += generate_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
-        bar.update(len(chunk))
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        chats = [encode_chat(model, tokenizer, [{"role": "user", "content": IMAGE_MARKER + "\n" + text}],
+                             [image_of(start + j)], processor) for j, text in enumerate(chunk)]
+        replies += generate_replies(model, tokenizer, chats, max_new_tokens=max_new_tokens)
+        if bar is not None:
+            bar.update(len(chunk))
     return replies
+
+
+def first_line(reply: str) -> str:
+    """The scored part of a reply: its first line after stripping surrounding whitespace ("" if empty)."""
+    return (reply.strip().splitlines() or [""])[0]
+
+
+@torch.no_grad()
+def answer_questions(model, tokenizer, processor: ImageProcessor | None, items: Sequence[tuple],
+                     batch_size: int = 64, max_new_tokens: int = 12) -> list[str]:
+    """Greedy answers to (image, question) pairs, each asked as `evaluate_world` asks it; returns
+    the first line of each reply, the part exact match scores."""
+    model.eval()
+    replies = _replies(model, tokenizer, [q for _, q in items], lambda i: items[i][0], batch_size, max_new_tokens,
+                       processor)
+    return [first_line(reply) for reply in replies]
 
 
 @torch.no_grad()
@@ -72,10 +90,11 @@ def evaluate_world(model, tokenizer, split: str = "test", num_scenes: int = 100,
             qtypes.append(qa.qtype)
     with tqdm(total=len(qa_items) + len(scenes), desc=f"eval mmllm ({split})", unit="prompt",
               disable=not progress) as bar:
-        replies = _run(model, tokenizer, qa_items, pixels_of, batch_size, answer_tokens, bar)
-        captions = _run(model, tokenizer, [(CAPTION_PROMPT, k) for k in range(len(scenes))], pixels_of,
-                        batch_size, caption_tokens, bar)
-    predictions = [(reply.strip().splitlines() or [""])[0] for reply in replies]
+        replies = _replies(model, tokenizer, [q for q, _ in qa_items], lambda i: pixels_of(qa_items[i][1]),
+                           batch_size, answer_tokens, bar=bar)
+        captions = _replies(model, tokenizer, [CAPTION_PROMPT] * len(scenes), pixels_of, batch_size, caption_tokens,
+                            bar=bar)
+    predictions = [first_line(reply) for reply in replies]
     metrics = {f"vqa_{k}": v for k, v in vqa_accuracy(predictions, answers, qtypes).items()}
     metrics.update(caption_scores([c.strip() for c in captions], [scene.captions() for scene in scenes]))
     return metrics

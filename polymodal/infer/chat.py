@@ -112,7 +112,8 @@ def stream_reply(model, tokenizer, prompt: ChatPrompt, **gen) -> Iterator[str]:
     if prompt.pixels is not None:
         device = next(model.parameters()).device
         ids = torch.tensor([prompt.ids], device=device)  # (1, T)
-        gen["inputs_embeds"] = model.embed(ids, prompt.pixels.to(device))  # (1, T, D)
+        with torch.no_grad():  # generation never backpropagates; keep no graph through the vision tower
+            gen["inputs_embeds"] = model.embed(ids, prompt.pixels.to(device))  # (1, T, D)
         gen["attention_mask"] = torch.ones_like(ids)
     if is_multimodal(model):
         gen["suppress_tokens"] = model.generation_suppressed_tokens()
@@ -242,6 +243,9 @@ def interactive(session: ChatSession, stdin=None, out=None) -> None:
         out.flush()
 
 
+REQUEST_ROLES = ("system", "user", "assistant")
+
+
 def read_requests(path: str | Path) -> list[tuple[list[dict], list[str], object]]:
     """Requests of a JSONL file: per line {"messages": [...], "images": [paths]} or {"prompt": str, "image": path},
     each with an optional "id" that is copied to the answer.
@@ -258,14 +262,20 @@ def read_requests(path: str | Path) -> list[tuple[list[dict], list[str], object]
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{number}: not valid JSON ({err})") from None
         if isinstance(record, dict) and isinstance(record.get("messages"), list):
-            messages, images = record["messages"], record.get("images", [])
+            messages, images, field = record["messages"], record.get("images", []), "images"
+            for i, message in enumerate(messages):
+                if not (isinstance(message, dict) and message.get("role") in REQUEST_ROLES
+                        and isinstance(message.get("content"), str)):
+                    raise ValueError(f"{path}:{number}: messages[{i}] must be an object with a 'role' "
+                                     f"({', '.join(REQUEST_ROLES)}) and a string 'content', got {message!r}")
         elif isinstance(record, dict) and isinstance(record.get("prompt"), str):
             messages = [{"role": "user", "content": record["prompt"]}]
-            images = [record["image"]] if record.get("image") else []
+            images, field = ([record["image"]] if record.get("image") else []), "image"
         else:
             raise ValueError(f"{path}:{number}: expected an object with 'messages' (+ 'images') or 'prompt' (+ 'image')")
         if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-            raise ValueError(f"{path}:{number}: 'images' must be a list of file paths")
+            kind = "a list of file paths" if field == "images" else "a file path"
+            raise ValueError(f"{path}:{number}: '{field}' must be {kind}")
         requests.append((messages, [str(path.parent / p) for p in images], record.get("id")))
     return requests
 

@@ -48,6 +48,10 @@ class MMLLMConfig:
         if self.vision_tower == "cnn" and self.vision_feature_layer != -1:
             raise ValueError("MMLLMConfig: the cnn vision tower only has its final feature map; "
                              f"set vision_feature_layer to -1 (got {self.vision_feature_layer})")
+        states = self.vision.num_layers + 1  # the embeddings, then each layer's output
+        if self.vision_tower == "vit" and not -states <= self.vision_feature_layer < states:
+            raise ValueError(f"MMLLMConfig.vision_feature_layer={self.vision_feature_layer} is out of range for a "
+                             f"{self.vision.num_layers}-layer ViT (valid: {-states} .. {states - 1})")
 
     @property
     def image_size(self) -> int:
@@ -88,7 +92,8 @@ class MultimodalLM(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor, **projector_inputs) -> torch.Tensor:
         """pixel_values (N, C, H, W) -> image embeddings in LM space (N, K, D_lm)."""
         if self.config.vision_tower == "cnn":
-            features = self.vision(pixel_values).last_hidden_state
+            # The ViT casts pixels in its patch embedding; the convolutions need it done here.
+            features = self.vision(pixel_values.to(next(self.vision.parameters()).dtype)).last_hidden_state
         else:
             features = self.vision.patch_features(pixel_values, self.config.vision_feature_layer,
                                                   drop_class_token=self.config.drop_class_token)
@@ -132,7 +137,10 @@ class MultimodalLM(nn.Module):
             images = [p.segment.data for p in packed.placements if p.segment.modality == "image"]
             pixel_values = torch.stack(images).to(input_ids.device) if images else None
         if inputs_embeds is None:
-            padding = attention_mask if attention_mask is not None and attention_mask.shape == input_ids.shape else None
+            if packed is not None:
+                padding = packed.document_ids >= 0  # tail padding may share the placeholder's id
+            else:
+                padding = attention_mask if attention_mask is not None and attention_mask.shape == input_ids.shape else None
             inputs_embeds = self.embed(input_ids, pixel_values, padding, **projector_inputs)
         return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, positions=positions,
                        packed=packed, kv_cache=kv_cache, labels=labels, logits_to_keep=logits_to_keep,

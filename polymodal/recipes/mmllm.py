@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from polymodal.atomic import write_text_atomic
 from polymodal.config import config_to_yaml, load_config
-from polymodal.data.conversation import ImageProcessor, conversation_document, prompt_ids
+from polymodal.data.conversation import ImageProcessor, conversation_document
 from polymodal.models.mmllm import MMLLMConfig, MultimodalLM
 from polymodal.nn.lora import LoRAConfig, apply_lora, merge_lora
 from polymodal.sequence import Document, pack_documents
@@ -335,25 +335,4 @@ def run_mmllm_recipe(path: str | Path, overrides: Sequence[str] = ()) -> TrainRe
     """`polymodal train` entry for recipe `mmllm`."""
     config = load_config(MMLLMRecipeConfig, path, overrides)
     return train_mmllm(config)[2]
-
-
-# ----------------------------------------------------------------------------------------- eval
-
-@torch.no_grad()
-def answer_questions(model: MultimodalLM, tokenizer, processor: ImageProcessor, items: list[tuple],
-                     batch_size: int = 64, max_new_tokens: int = 8) -> list[str]:
-    """Greedy answers to (image, question) pairs: one user turn "<image>\\n" + question each.
-
-    (The full evaluation with per-type accuracy and captioning is `polymodal.eval.mmllm`.)"""
-    model.eval()
-    answers: list[str] = []
-    eos = tokenizer.eos_token_id
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        prompts = [prompt_ids(tokenizer, [{"role": "user", "content": IMAGE_TOKEN + "\n" + q}],
-                              model.config.image_token_id, model.image_tokens) for _, q in chunk]
-        pixels = torch.stack([processor(image) for image, _ in chunk])
-        outs = model.generate(prompts, pixels, max_new_tokens=max_new_tokens, eos_token_id=eos)
-        answers += [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
-    return answers
 

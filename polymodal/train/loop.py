@@ -299,9 +299,12 @@ def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContex
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor in a (nested dict/list/tuple) batch to `device`."""
+    """Move every tensor in a (nested dict/list/tuple) batch to `device`; an object with its own
+    `.to(device)` (a `PackedBatch`) moves itself."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
+    if callable(getattr(batch, "to", None)):
+        return batch.to(device)
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple takes positional fields

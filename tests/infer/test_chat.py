@@ -129,6 +129,12 @@ def test_batch_file_errors_name_the_line(files):
         read_requests(bad)
     with pytest.raises(ValueError, match="--out"):
         _cli([str(files / "mm"), "--batch", str(bad)])
+    for line, message in [('{"messages": ["hi"]}', r"bad.jsonl:1: messages\[0\] must be an object with a 'role'"),
+                          ('{"messages": [{"role": "bot", "content": "x"}]}', r"messages\[0\]"),
+                          ('{"prompt": "hi", "image": 5}', r"bad.jsonl:1: 'image' must be a file path")]:
+        bad.write_text(line + "\n")
+        with pytest.raises(ValueError, match=message):
+            read_requests(bad)
 
 
 def test_interactive_session_via_fake_stdin(mm_model, tokenizer, files):

@@ -75,6 +75,8 @@ def test_cnn_vision_tower_gives_one_token_per_feature_map_cell():
     assert model.vision.position_embedding.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="vision_feature_layer"):
         type(config)(vision_tower="cnn", vision_feature_layer=-2)
+    with pytest.raises(ValueError, match="vision_feature_layer=-4 is out of range for a 2-layer ViT"):
+        type(config)(vision=mmllm_tiny().vision, vision_feature_layer=-4)
     with pytest.raises(ValueError, match="LLaVA export needs a ViT"):
         hf_config_from_llava(config)
 
@@ -87,3 +89,38 @@ def test_cnn_position_embedding_tells_cells_of_a_uniform_image_apart():
     with_positions = ConvNet(ConvNetConfig(image_size=32, widths=[8, 16, 16], position_embedding=True))
     tokens = with_positions(flat).last_hidden_state[0]  # (16, C)
     assert torch.cdist(tokens, tokens).fill_diagonal_(1.0).min() > 1e-2
+
+
+def test_packed_tail_padding_is_never_an_image_slot():
+    """With the placeholder id equal to the pad id (both 0 by default), row padding stays text."""
+    torch.manual_seed(0)
+    config = mmllm_tiny()
+    config.image_token_id = 0
+    model = MultimodalLM(config).eval()
+    k, size = model.image_tokens, config.image_size
+    docs = [Document([Segment("text", tokens=torch.arange(1, 4)),
+                      Segment("image", tokens=[0] * k, data=torch.randn(3, size, size), loss=False),
+                      Segment("text", tokens=torch.arange(4, 9))])]
+    docs.append(Document.from_tokens(torch.arange(1, len(docs[0]) + 8)))  # a full second row
+    batch = pack_documents(docs, max_tokens=len(docs[0]) + 7, pad_id=0)
+    assert (batch.document_ids < 0).sum() == 7  # the image row's tail: padding with the placeholder's id
+    with torch.no_grad():
+        row, start = batch.document_rows[0]
+        packed = model(packed=batch).logits[row, start:start + len(docs[0])]
+        single = model(torch.cat([s.tokens if torch.is_tensor(s.tokens) else torch.tensor(s.tokens)
+                                  for s in docs[0].segments])[None], docs[0].segments[1].data[None]).logits[0]
+    torch.testing.assert_close(packed, single, atol=1e-4, rtol=1e-4)
+
+
+def test_cnn_vision_tower_takes_float_pixels_in_bf16():
+    from polymodal.encoders.convnet import ConvNetConfig
+
+    torch.manual_seed(0)
+    config = mmllm_tiny()
+    config.vision_tower, config.vision_feature_layer = "cnn", -1
+    config.cnn = ConvNetConfig(image_size=32, widths=[8, 16, 16])
+    model = MultimodalLM(config).to(torch.bfloat16).eval()
+    ids = torch.tensor([[1, 2] + [config.image_token_id] * model.image_tokens + [3]])
+    with torch.no_grad():
+        logits = model(ids, torch.randn(1, 3, 32, 32)).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()

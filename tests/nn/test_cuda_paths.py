@@ -1,4 +1,4 @@
-"""CUDA-only paths: the FlexAttention block mask and bf16 autocast training.
+"""CUDA-only paths: the FlexAttention block mask, bf16 autocast training and a packed MM-LLM recipe run.
 
 These need a CUDA GPU, which CI never has; they run on the lent GPU machine (see
 benchmarks/RESULTS.md). Every CPU-side piece they build on is tested elsewhere.
@@ -40,3 +40,14 @@ def test_bf16_autocast_training_step_is_finite():
     packed = pack_documents(_mixed_docs(), max_tokens=256)
     result = train(model, [packed] * 4, lambda m, b: m(packed=b).loss, TrainConfig(steps=4, precision="auto", device="cuda"))
     assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_mmllm_recipe_trains_packed_multimodal_batches_on_cuda(tmp_path):
+    """The loop moves each `PackedBatch` to the GPU; the images follow the batch's device."""
+    from pathlib import Path
+
+    from polymodal.cli import main
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "mmllm" / "tiny_align.yaml"
+    assert main(["train", str(config), f"train.out_dir={tmp_path}", "train.steps=3", "train.device=cuda"]) == 0
+    assert (tmp_path / "final" / "config.json").exists()

@@ -8,7 +8,8 @@ import polymodal
 from polymodal.cli import main
 from polymodal.data.conversation import ImageProcessor
 from polymodal.data.world import World
-from polymodal.recipes.mmllm import MMLLMDataConfig, MMLLMRecipeConfig, answer_questions
+from polymodal.eval.mmllm import answer_questions
+from polymodal.recipes.mmllm import MMLLMDataConfig, MMLLMRecipeConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "mmllm"
 

@@ -133,3 +133,14 @@ def test_bf16_autocast_trains_on_cpu(sequences, make_model, lm_loss):
     assert model.embed.weight.dtype == torch.float32  # autocast computes in bf16, weights stay fp32
     assert all(torch.isfinite(torch.tensor(result.losses)))
     assert result.losses[-1] < result.losses[0]
+
+
+def test_a_packed_batch_moves_to_the_training_device():
+    """The loop hands the model its batch on the training device, a `PackedBatch` included."""
+    from polymodal.sequence import Document, pack_documents
+    from polymodal.train.loop import _to_device
+
+    packed = pack_documents([Document.from_tokens(torch.arange(6))], max_tokens=8)
+    moved = _to_device({"packed": packed, "x": torch.zeros(2)}, torch.device("meta"))
+    assert moved["packed"].token_ids.device.type == "meta" and moved["x"].device.type == "meta"
+    assert moved["packed"].document_rows == packed.document_rows

@@ -29,6 +29,7 @@ from polymodal.config import config_to_yaml, load_config
 from polymodal.data.conversation import ImageProcessor, conversation_document
 from polymodal.models.mmllm import MMLLMConfig, MultimodalLM
 from polymodal.nn.lora import LoRAConfig, apply_lora, merge_lora
+from polymodal.recipes.seen_tokens import SEEN_TOKENS_FILE, SeenTokens, reinit_unseen_tokens
 from polymodal.sequence import Document, pack_documents
 from polymodal.train.data import ShuffledBatches
 from polymodal.train.loop import TrainConfig, TrainResult, train
@@ -87,6 +88,9 @@ class MMLLMRecipeConfig:
     text_retention (instruct): record the LM's greedy answers to the held-out
     `RETENTION_QUESTIONS` before the stage and report how many are unchanged after it
     (printed, and saved as `retention.json` in the out dir).
+    reinit_unseen_tokens: when `init_from` records the token ids its stage saw (a stage that
+    trained the LM's embeddings writes `seen_tokens.json`) and this stage trains the LM, give
+    every other id fresh embedding rows first (see `polymodal.recipes.seen_tokens`).
     """
 
     recipe: str = "mmllm"
@@ -99,6 +103,7 @@ class MMLLMRecipeConfig:
     data: MMLLMDataConfig = field(default_factory=MMLLMDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     text_retention: bool = False
+    reinit_unseen_tokens: bool = True
 
     @property
     def replays_text(self) -> bool:
@@ -261,16 +266,35 @@ def train_mmllm(config: MMLLMRecipeConfig, model: MultimodalLM | None = None, to
     if model is None:
         model, tokenizer = build_mmllm(config)
     out = Path(config.train.out_dir) if config.train.out_dir else None
-    base_text = _base_text_answers(config, model, tokenizer, out)
     parts = config.trainable if config.trainable is not None else DEFAULT_TRAINABLE[config.stage]
+    if "lm" in parts:
+        _reinit_tokens_the_last_stage_never_saw(model, config)  # the stage's own start: before any base answer
+    base_text = _base_text_answers(config, model, tokenizer, out)
     trainable = set_trainable(model, parts, config.lora)
     total = sum(p.numel() for p in model.parameters())
     lora = f", LoRA rank {config.lora.rank} on {list(config.lora.targets)}" if config.lora.rank and "lm" in parts else ""
     print(f"mmllm stage {config.stage!r}: training {trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters "
           f"({', '.join(parts)}{lora}); {model.image_tokens} tokens per image")
     batches = make_batches(config, model, tokenizer, base_text.get("replay", ()))
-    result = train(model, batches, lambda m, batch: m(packed=batch, loss_only=True).loss, config.train,
-                   tokens_in_batch=lambda batch: batch.num_tokens, tokenizer=tokenizer, on_step=on_step)
+    # A stage that trains the embeddings records the ids it sees, for the next stage's fresh start.
+    seen_path = out / SEEN_TOKENS_FILE if out is not None else None
+    seen = (SeenTokens.resume_or_new(seen_path, model.config.lm.vocab_size)
+            if "lm" in parts and not config.lora.rank else None)
+
+    def loss(m: MultimodalLM, batch) -> torch.Tensor:
+        if seen is not None:
+            seen.add(batch.token_ids, batch.document_ids >= 0)
+        return m(packed=batch, loss_only=True).loss
+
+    def after_step(log) -> None:
+        # The loop has just written this step's checkpoint: keep the record in step with it.
+        if seen is not None and seen_path is not None and config.train.ckpt_every and log.step % config.train.ckpt_every == 0:
+            seen.save(seen_path)
+        if on_step is not None:
+            on_step(log)
+
+    result = train(model, batches, loss, config.train, tokens_in_batch=lambda batch: batch.num_tokens,
+                   tokenizer=tokenizer, on_step=after_step)
     merge_lora(model)
     model.requires_grad_(True)
     if config.reports_retention:
@@ -279,9 +303,20 @@ def train_mmllm(config: MMLLMRecipeConfig, model: MultimodalLM | None = None, to
     if out is not None:
         from polymodal.checkpoint import save_checkpoint
 
-        final = save_checkpoint(model, out / "final", tokenizer, extra={"stage": config.stage, "step": result.step})
+        final = save_checkpoint(model, out / "final", tokenizer, extra={"stage": config.stage, "step": result.step},
+                                extra_files=None if seen is None else lambda folder: seen.save(folder / SEEN_TOKENS_FILE))
         (out / "recipe.yaml").write_text(config_to_yaml(config))
     return model, tokenizer, result, final
+
+
+def _reinit_tokens_the_last_stage_never_saw(model: MultimodalLM, config: MMLLMRecipeConfig) -> None:
+    """Fresh embedding rows for the ids `config.init_from`'s stage never saw, when it recorded them."""
+    record = Path(config.init_from) / SEEN_TOKENS_FILE if config.init_from else None
+    if not config.reinit_unseen_tokens or record is None or not record.exists():
+        return
+    count = reinit_unseen_tokens(model.lm, SeenTokens.load(record), seed=config.train.seed)
+    print(f"mmllm: fresh embeddings for the {count} of {model.config.lm.vocab_size} token ids the previous stage "
+          f"never saw (its softmax had pushed them all one way)")
 
 
 def _base_text_answers(config: MMLLMRecipeConfig, model: MultimodalLM, tokenizer, out: Path | None) -> dict:

@@ -10,6 +10,7 @@ from polymodal.data.conversation import ImageProcessor
 from polymodal.data.world import World
 from polymodal.eval.mmllm import answer_questions
 from polymodal.recipes.mmllm import MMLLMDataConfig, MMLLMRecipeConfig
+from polymodal.recipes.seen_tokens import SEEN_TOKENS_FILE, SeenTokens
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "mmllm"
 
@@ -27,9 +28,16 @@ def test_tiny_align_then_instruct_with_lora(tmp_path, capsys):
     assert main(["train", str(CONFIGS / "tiny_align.yaml"), f"train.out_dir={align}"]) == 0
     assert "training" in capsys.readouterr().out  # the trainable-parameter count is printed
     assert _falls(_losses(align), 0.5)
+    # The align stage trained the LM's embeddings, so it recorded the ids it saw: the caption
+    # words and the placeholder, not the instruct stage's question words.
+    seen = SeenTokens.load(align / "final" / SEEN_TOKENS_FILE).seen
+    _, tokenizer = polymodal.load(align / "final")
+    assert seen[tokenizer.encode(" circle")].all() and not seen[tokenizer.encode(" How many")].any()
     assert main(["train", str(CONFIGS / "tiny_instruct.yaml"), f"train.out_dir={instruct}",
                  f"init_from={align / 'final'}"]) == 0
     printed = capsys.readouterr().out
+    assert f"fresh embeddings for the {int((~seen).sum())} of {len(seen)} token ids" in printed
+    assert not (instruct / "final" / SEEN_TOKENS_FILE).exists()  # LoRA leaves the embeddings as they are
     assert "LoRA rank 4" in printed and "projector, lm" in printed
     assert _falls(_losses(instruct), 0.1)
 

@@ -288,7 +288,7 @@ def train_mmllm(config: MMLLMRecipeConfig, model: MultimodalLM | None = None, to
 
     def after_step(log) -> None:
         # The loop has just written this step's checkpoint: keep the record in step with it.
-        if seen is not None and seen_path is not None and config.train.ckpt_every and log.step % config.train.ckpt_every == 0:
+        if seen is not None and seen_path is not None and config.train.checkpoints_at(log.step):
             seen.save(seen_path)
         if on_step is not None:
             on_step(log)

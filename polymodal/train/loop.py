@@ -87,6 +87,10 @@ class TrainConfig:
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"TrainConfig.precision must be auto, fp32 or bf16, got {self.precision!r}")
 
+    def checkpoints_at(self, step: int) -> bool:
+        """Whether the loop writes a training checkpoint (with an `out_dir`) after `step`."""
+        return bool(self.ckpt_every and step % self.ckpt_every == 0) or step == self.steps
+
 
 @dataclass
 class TrainResult:
@@ -201,8 +205,7 @@ def train(
             if metrics is not None and (step % config.log_every == 0 or step == config.steps):
                 metrics.write(json.dumps(dataclasses.asdict(log)) + "\n")
                 metrics.flush()
-            if ckpt_root is not None and ((config.ckpt_every and step % config.ckpt_every == 0)
-                                          or step == config.steps):
+            if ckpt_root is not None and config.checkpoints_at(step):
                 state = TrainingState(
                     step=step, losses=list(losses), optimizer=optimizer.state_dict(),
                     scheduler=scheduler.state_dict(), rng=capture_rng(),

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import polymodal
 from polymodal.cli import main
@@ -135,3 +136,17 @@ def test_retention_counts_every_answer_unchanged_when_the_lm_does_not_move(tmp_p
     report = json.loads((instruct / "retention.json").read_text())
     assert report["unchanged"] == report["total"] == 8
     assert json.loads((instruct / "base_text_answers.json").read_text())["retention"] == [i["base"] for i in report["items"]]
+
+
+def test_seen_token_record_resumes_with_the_run(tmp_path):
+    """A stage stopped and resumed records the same ids as one run straight through."""
+    def run(out, steps, *extra):
+        assert main(["train", str(CONFIGS / "tiny_align.yaml"), f"train.out_dir={out}", f"train.steps={steps}",
+                     "data.docs_per_batch=2", *extra]) == 0
+        return SeenTokens.load(out / "final" / SEEN_TOKENS_FILE).seen
+
+    straight = run(tmp_path / "straight", 6)
+    first = run(tmp_path / "resumed", 3)
+    assert torch.equal(SeenTokens.load(tmp_path / "resumed" / SEEN_TOKENS_FILE).seen, first)
+    assert torch.equal(run(tmp_path / "resumed", 6, "train.resume=true"), straight)
+    assert not torch.equal(first, straight)  # the later steps did add ids

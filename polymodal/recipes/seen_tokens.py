@@ -31,13 +31,17 @@ class SeenTokens:
         self.seen = torch.zeros(vocab_size, dtype=torch.bool)
 
     def add(self, token_ids: torch.Tensor, real: torch.Tensor) -> None:
-        """Mark the ids at the `real` (non-padding) positions of a (R, L) batch as seen."""
-        ids = token_ids[real].to("cpu", torch.long)
+        """Mark the ids at the `real` (non-padding) positions of a (R, L) batch as seen.
+
+        The set moves to the batch's device once, so a training step never waits on a copy."""
+        self.seen = self.seen.to(token_ids.device)
+        ids = token_ids[real].long()
         self.seen[ids[(ids >= 0) & (ids < len(self.seen))]] = True
 
     def save(self, path: Path) -> None:
         """Write the seen ids (with the vocabulary size) to `path` atomically."""
-        write_text_atomic(path, json.dumps({"vocab_size": len(self.seen), "ids": self.seen.nonzero().flatten().tolist()}))
+        ids = self.seen.nonzero().flatten().tolist()
+        write_text_atomic(path, json.dumps({"vocab_size": len(self.seen), "ids": ids}))
 
     @classmethod
     def load(cls, path: Path) -> "SeenTokens":
@@ -63,11 +67,14 @@ def reinit_unseen_tokens(lm: torch.nn.Module, seen: SeenTokens, seed: int = 0) -
     vocab = lm.embed_tokens.weight.shape[0]
     unseen = torch.ones(vocab, dtype=torch.bool)
     known = min(vocab, len(seen.seen))
-    unseen[:known] = ~seen.seen[:known]
+    unseen[:known] = ~seen.seen[:known].cpu()
     count = int(unseen.sum())
     generator = torch.Generator().manual_seed(seed)
+    weights = [lm.embed_tokens.weight]
+    if lm.lm_head.weight is not lm.embed_tokens.weight:  # untied: the output rows were pushed too
+        weights.append(lm.lm_head.weight)
     with torch.no_grad():
-        for weight in {id(w): w for w in (lm.embed_tokens.weight, lm.lm_head.weight)}.values():
+        for weight in weights:
             fresh = torch.randn(count, weight.shape[1], generator=generator) * INIT_STD
             weight[unseen.to(weight.device)] = fresh.to(weight.device, weight.dtype)
     return count

@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 
 from polymodal.api import load
-from polymodal.data.conversation import ImageProcessor, conversation_document
+from polymodal.data.conversation import IMAGE_MARKER, ImageProcessor, conversation_document
 from polymodal.data.world import COLORS, QTYPES, SHAPES, World
 from polymodal.data.world.text import NUMBER_WORDS
 from polymodal.nn.lora import LoRAConfig
 from polymodal.quickstart import stage_config
 from polymodal.eval.mmllm import answer_questions
-from polymodal.recipes.mmllm import IMAGE_TOKEN, build_mmllm, set_trainable
+from polymodal.recipes.mmllm import build_mmllm, set_trainable
 from polymodal.sequence import pack_documents
 from polymodal.train.data import ShuffledBatches
 from polymodal.train.loop import TrainConfig, train
@@ -100,7 +100,7 @@ def one_question_chat(scene, qtype: str, scene_as: str = "image") -> list[dict]:
         raise ValueError(f"scene_as must be one of {SCENE_FORMS}, got {scene_as!r}")
     pool = [qa for qa in scene.questions() if qa.qtype == qtype] or scene.questions()
     qa = pool[scene.seed % len(pool)]
-    context = IMAGE_TOKEN if scene_as == "image" else scene_words(scene, scrambled=scene_as == "scrambled")
+    context = IMAGE_MARKER if scene_as == "image" else scene_words(scene, scrambled=scene_as == "scrambled")
     return [{"role": "user", "content": context + "\n" + qa.question}, {"role": "assistant", "content": qa.answer}]
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from polymodal.backbones.decoder import DecoderConfig, DecoderLM, LMOutput
+from polymodal.data.conversation import IMAGE_MARKER
 from polymodal.encoders.convnet import ConvNet, ConvNetConfig
 from polymodal.encoders.vit import ViTConfig, VisionTransformer
 from polymodal.models.registry import Family, register
@@ -182,16 +183,22 @@ def mmllm_tiny() -> MMLLMConfig:
     return MMLLMConfig(vision=vit_tiny(), lm=lm_tiny(), projector=ProjectorConfig(kind="mlp"), image_token_id=255)
 
 
-def mmllm_tiny_for(tokenizer) -> MMLLMConfig:
-    """`mmllm_tiny` sized to a tokenizer: its vocabulary, eos id and `<image>` placeholder id."""
-    config = mmllm_tiny()
+def size_to_tokenizer(config: MMLLMConfig, tokenizer) -> MMLLMConfig:
+    """Set `config`'s LM vocabulary size and eos id and its `<image>` placeholder id from
+    `tokenizer` (in place; returns `config`). The tokenizer must already hold the placeholder."""
+    image_id = tokenizer.token_to_id(IMAGE_MARKER)
+    if image_id is None:
+        raise ValueError(f"the tokenizer has no {IMAGE_MARKER!r} token; add it with "
+                         f"tokenizer.add_special_tokens([{IMAGE_MARKER!r}])")
     config.lm.vocab_size = tokenizer.vocab_size
     config.lm.eos_token_id = tokenizer.eos_token_id
-    image_id = tokenizer.token_to_id("<image>")
-    if image_id is None:
-        raise ValueError("the tokenizer has no '<image>' token; add it with tokenizer.add_special_tokens(['<image>'])")
     config.image_token_id = image_id
     return config
+
+
+def mmllm_tiny_for(tokenizer) -> MMLLMConfig:
+    """`mmllm_tiny` sized to a tokenizer: its vocabulary, eos id and `<image>` placeholder id."""
+    return size_to_tokenizer(mmllm_tiny(), tokenizer)
 
 
 def _example_batch(model: MultimodalLM) -> dict:

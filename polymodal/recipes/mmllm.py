@@ -26,8 +26,8 @@ import torch.nn as nn
 
 from polymodal.atomic import write_text_atomic
 from polymodal.config import config_to_yaml, load_config
-from polymodal.data.conversation import ImageProcessor, conversation_document
-from polymodal.models.mmllm import MMLLMConfig, MultimodalLM
+from polymodal.data.conversation import IMAGE_MARKER, ImageProcessor, conversation_document
+from polymodal.models.mmllm import MMLLMConfig, MultimodalLM, size_to_tokenizer
 from polymodal.nn.lora import LoRAConfig, apply_lora, merge_lora
 from polymodal.recipes.seen_tokens import SEEN_TOKENS_FILE, SeenTokens, reinit_unseen_tokens
 from polymodal.sequence import Document, pack_documents
@@ -37,7 +37,6 @@ from polymodal.train.loop import TrainConfig, TrainResult, train
 STAGES = ("align", "instruct")
 PARTS = ("vision", "projector", "lm")
 DEFAULT_TRAINABLE = {"align": ["projector"], "instruct": ["projector", "lm"]}
-IMAGE_TOKEN = "<image>"
 # Token budget of a recorded replay answer; answers that do not end within it are left out.
 REPLAY_ANSWER_TOKENS = 96
 
@@ -171,16 +170,15 @@ def build_mmllm(config: MMLLMRecipeConfig) -> tuple[MultimodalLM, object]:
     lm = None
     if config.lm_from:
         lm, tokenizer = _import_lm(config.lm_from)
-        tokenizer.add_special_tokens([IMAGE_TOKEN])
+        tokenizer.add_special_tokens([IMAGE_MARKER])
         _resize_embeddings(lm, tokenizer.vocab_size)
-        model_config.lm = lm.config
+        model_config.lm = lm.config  # the imported LM keeps its own vocabulary size and eos id
+        model_config.image_token_id = tokenizer.token_to_id(IMAGE_MARKER)
     else:
         from polymodal.data.world import world_tokenizer
 
         tokenizer = world_tokenizer()
-        model_config.lm.vocab_size = tokenizer.vocab_size
-        model_config.lm.eos_token_id = tokenizer.eos_token_id
-    model_config.image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)
+        size_to_tokenizer(model_config, tokenizer)
     model = MultimodalLM(model_config)
     if lm is not None:
         model.lm = lm
@@ -210,7 +208,7 @@ def world_documents(stage: str, tokenizer, processor: ImageProcessor, world, ima
         pixels = processor(scene.image())
         if stage == "align":
             captions = captions_of(scene, caption_styles)
-            messages = [{"role": "user", "content": IMAGE_TOKEN + "\n" + DESCRIBE_PROMPTS[index % len(DESCRIBE_PROMPTS)]},
+            messages = [{"role": "user", "content": IMAGE_MARKER + "\n" + DESCRIBE_PROMPTS[index % len(DESCRIBE_PROMPTS)]},
                         {"role": "assistant", "content": captions[index % len(captions)]}]
         else:
             messages = scene.conversation(turns)

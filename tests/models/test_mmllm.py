@@ -124,3 +124,24 @@ def test_cnn_vision_tower_takes_float_pixels_in_bf16():
     with torch.no_grad():
         logits = model(ids, torch.randn(1, 3, 32, 32)).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_size_to_tokenizer_reads_vocabulary_eos_and_image_ids_and_names_a_missing_placeholder():
+    import pytest
+
+    from polymodal.data.world import world_tokenizer
+    from polymodal.models.mmllm import mmllm_tiny_for, size_to_tokenizer
+
+    tokenizer = world_tokenizer()
+    config = mmllm_tiny_for(tokenizer)
+    assert (config.lm.vocab_size, config.lm.eos_token_id, config.image_token_id) == (
+        tokenizer.vocab_size, tokenizer.eos_token_id, tokenizer.token_to_id("<image>"))
+
+    class NoPlaceholder:  # a tokenizer without the <image> token
+        vocab_size, eos_token_id = 300, 2
+
+        def token_to_id(self, token):
+            return None
+
+    with pytest.raises(ValueError, match="<image>"):
+        size_to_tokenizer(mmllm_tiny(), NoPlaceholder())

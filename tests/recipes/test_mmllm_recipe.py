@@ -61,12 +61,13 @@ def test_recipe_config_errors():
 
 
 def test_align_captions_follow_caption_styles():
+    from polymodal.data.conversation import IMAGE_MARKER
     from polymodal.data.world import world_tokenizer
-    from polymodal.recipes.mmllm import IMAGE_TOKEN, world_documents
+    from polymodal.recipes.mmllm import world_documents
 
     tokenizer = world_tokenizer()
     world = World("train", image_size=32)
-    document = world_documents("align", tokenizer, ImageProcessor(32), world, tokenizer.token_to_id(IMAGE_TOKEN), 4,
+    document = world_documents("align", tokenizer, ImageProcessor(32), world, tokenizer.token_to_id(IMAGE_MARKER), 4,
                                turns=1, caption_styles=["grounded"])
     for index in range(3):
         answer = [seg for seg in document(index).segments if seg.loss]
@@ -74,12 +75,13 @@ def test_align_captions_follow_caption_styles():
 
 
 def test_text_replay_mixes_the_share_of_text_chats_with_loss_on_the_answer_only():
+    from polymodal.data.conversation import IMAGE_MARKER
     from polymodal.data.world import world_tokenizer
-    from polymodal.recipes.mmllm import IMAGE_TOKEN, with_text_replay, world_documents
+    from polymodal.recipes.mmllm import with_text_replay, world_documents
 
     tokenizer = world_tokenizer()
     world = World("train", image_size=32)
-    visual = world_documents("instruct", tokenizer, ImageProcessor(32), world, tokenizer.token_to_id(IMAGE_TOKEN), 4,
+    visual = world_documents("instruct", tokenizer, ImageProcessor(32), world, tokenizer.token_to_id(IMAGE_MARKER), 4,
                              turns=2, caption_styles=["short"])
     replay = [("What is 7 plus 5?", "12"), ("Name a color.", "blue")]
     mixed = with_text_replay(visual, replay, tokenizer, share=0.25)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from polymodal.data.conversation import IMAGE_MARKER
 from polymodal.data.image import resolve_under
 from polymodal.data.loading import (
     DataError,
@@ -26,7 +27,6 @@ from polymodal.data.loading import (
     skip_bad,
 )
 
-IMAGE_TOKEN = "<image>"
 # LLaVA files name the speakers "human"/"gpt"; some derived sets already use chat roles.
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -79,9 +79,9 @@ def parse_llava_record(raw: object, image_root: str | Path, check_files: bool = 
         messages.append({"role": role, "content": turn["value"]})
     if messages[-1]["role"] != "assistant":
         raise DataError("the last turn is from the user; a sample must end with an assistant answer")
-    placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+    placeholders = sum(m["content"].count(IMAGE_MARKER) for m in messages)
     if placeholders != len(paths):
-        raise DataError(f"{placeholders} {IMAGE_TOKEN} placeholder(s) for {len(paths)} image(s)")
+        raise DataError(f"{placeholders} {IMAGE_MARKER} placeholder(s) for {len(paths)} image(s)")
     images = []
     for p in paths:
         full = resolve_under(image_root, p)

@@ -108,12 +108,12 @@ def padded_batch(docs, device: str) -> dict:
             "pixel_values": pixels.to(device)}
 
 
-def run(quick: bool = False, device: str = "cpu", docs_per_step: int = 24, max_turns: int = 10, max_tokens: int = 512,
+def run(quick: bool = False, device: str = "cpu", docs_per_step: int = 24, max_turns: int = 10, max_tokens: int = 8192,
         warmup: int = 1, iters: int = 5, seed: int = 0, peak_tflops: float | None = None,
         vocab_size: int | None = None) -> dict:
     """Time polymodal packed vs transformers padded instruction-tuning steps; returns a result dict.
 
-    vocab_size: LM vocabulary (default: the world tokenizer's 510); a larger one (49,152 is
+    vocab_size: LM vocabulary (default: the world tokenizer's 517); a larger one (49,152 is
     SmolLM2's) adds head rows the chats never use but every logit pays for."""
     from polymodal.data.world import world_tokenizer
 
@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--docs", type=int, default=24, help="chats per training step")
     parser.add_argument("--max-turns", type=int, default=10, help="chats have 1..max-turns question turns")
-    parser.add_argument("--max-tokens", type=int, default=512, help="packed row length")
+    parser.add_argument("--max-tokens", type=int, default=8192,
+                        help="packed row length (default: the whole step in one row, as the quickstart packs)")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (e.g. 989 for H100 bf16)")
     parser.add_argument("--vocab", type=int, default=None, help="LM vocabulary size (e.g. 49152, SmolLM2's)")

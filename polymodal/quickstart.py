@@ -72,7 +72,9 @@ def stage_config(stage: str, out: Path, seed: int, steps: int = 1, init_from: st
     """The recipe config of one quickstart stage (steps are set from the time budget)."""
     # Align on "grounded" captions (place first, then the object): the words before each object
     # name its grid cell, so the LM reads the object off that cell's token from the first steps.
-    data = MMLLMDataConfig(num_scenes=50000, turns=6, docs_per_batch=32 if stage == "align" else 16, max_tokens=256,
+    # max_tokens holds a whole step's chats in one packed row: CPU attention runs per document,
+    # so a longer row costs nothing, while rows of 256 left ~30% of the slots as padding.
+    data = MMLLMDataConfig(num_scenes=50000, turns=6, docs_per_batch=32 if stage == "align" else 16, max_tokens=4096,
                            caption_styles=["grounded"])
     # Measured: at 2e-3 / 3e-3 the projector's outputs grew to norms of ~250 (the LM then ignored
     # colors a linear probe reads at 98%); at these rates they stay near 14 and get used.

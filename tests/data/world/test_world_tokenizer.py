@@ -33,3 +33,13 @@ def test_world_tokenizer_is_cached_and_deterministic(tmp_path, monkeypatch):
     retrained = world_tok.train_world_tokenizer()
     text = "Is the small red circle left of the blue square?"
     assert first.encode(text) == again.encode(text) == retrained.encode(text)
+
+
+def test_chat_template_role_names_are_one_token_each():
+    # The chat frame around every answer is most of a chat's tokens; spelt out letter by letter
+    # ("u s er", "a ss is t an t") it made instruct chats ~30% longer.
+    tok = world_tokenizer()
+    messages = [{"role": "user", "content": "How many objects are there?"}, {"role": "assistant", "content": "2"}]
+    tokens = [tok.id_to_token(i) for i in tok.encode(tok.apply_chat_template(messages, add_generation_prompt=False))]
+    assert tokens.count("user") == 1 and tokens.count("assistant") == 1
+    assert tokens[:3] == ["<|im_start|>", "user", "Ċ"]

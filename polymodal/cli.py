@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("quickstart", help="train, evaluate and demo a small multimodal LM end to end on the CPU")
-    p.add_argument("--minutes", type=float, default=9.0, help="time budget for training and evaluation")
+    p.add_argument("--minutes", type=float, default=9.5, help="time budget for training and evaluation")
     p.add_argument("--out", default="runs/quickstart", help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart run in --out")
     p.set_defaults(func=_quickstart)

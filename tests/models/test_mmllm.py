@@ -1,7 +1,9 @@
 """MultimodalLM on packed multimodal documents: packed forward == per-document forward."""
+import pytest
 import torch
 
-from polymodal.models.mmllm import MultimodalLM, mmllm_tiny
+from polymodal.data.world import world_tokenizer
+from polymodal.models.mmllm import MultimodalLM, mmllm_tiny, mmllm_tiny_for, size_to_tokenizer
 from polymodal.projectors import ProjectorConfig
 from polymodal.sequence import Document, Segment, pack_documents
 
@@ -127,11 +129,6 @@ def test_cnn_vision_tower_takes_float_pixels_in_bf16():
 
 
 def test_size_to_tokenizer_reads_vocabulary_eos_and_image_ids_and_names_a_missing_placeholder():
-    import pytest
-
-    from polymodal.data.world import world_tokenizer
-    from polymodal.models.mmllm import mmllm_tiny_for, size_to_tokenizer
-
     tokenizer = world_tokenizer()
     config = mmllm_tiny_for(tokenizer)
     assert (config.lm.vocab_size, config.lm.eos_token_id, config.image_token_id) == (

@@ -10,7 +10,10 @@ nothing of the image-question relation, whatever the step count.
 Usage: python benchmarks/probe_mmllm_qtype.py --qtype existence [--init CHECKPOINT] [--steps 400]
        [--docs 80] [--lr 5e-4] [--warmup N] [--untied] [--objects 1 3] [--scene-as image|words|scrambled]
 Without --init the quickstart's model is built fresh (random LM, frozen random patch encoder);
---untied gives it separate input and output word embeddings.
+--untied gives it separate input and output word embeddings. An --init checkpoint that records
+the token ids its stage saw (an align checkpoint's seen_tokens.json) gets fresh rows for the
+others first, as the instruct stage does: so `--init ALIGN_CHECKPOINT` is a ~90 s test of whether
+that align stage's LM lets the comparison questions be learnt (benchmarks/RESULTS.md).
 --scene-as words replaces the image by text naming each object ("red circle , blue star"), and
 scrambled names colors and shapes with words the questions never use for them (digits, number
 words), so scene and question share no token: this separates "the LM cannot learn the
@@ -38,6 +41,7 @@ from polymodal.nn.lora import LoRAConfig
 from polymodal.quickstart import stage_config
 from polymodal.eval.mmllm import answer_questions
 from polymodal.recipes.mmllm import build_mmllm, set_trainable
+from polymodal.recipes.seen_tokens import SEEN_TOKENS_FILE, SeenTokens, reinit_unseen_tokens
 from polymodal.sequence import pack_documents
 from polymodal.train.data import ShuffledBatches
 from polymodal.train.loop import TrainConfig, train
@@ -114,6 +118,9 @@ def probe_qtype(qtype: str, init: str | None = None, steps: int = 400, docs: int
     torch.manual_seed(0)
     if init:
         model, tokenizer = load(init)
+        record = Path(init) / SEEN_TOKENS_FILE
+        if record.exists():
+            reinit_unseen_tokens(model.lm, SeenTokens.load(record), seed=0)
     else:
         # Only the stage config's model and tokenizer settings are read here; nothing is written.
         stage = stage_config("instruct", Path("unused"), seed=0)

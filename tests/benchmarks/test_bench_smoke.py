@@ -124,6 +124,27 @@ def test_qtype_probe_trains_on_one_question_type():
     assert 0.0 <= r["before"][0] <= 1.0 and 0.0 <= r["after"][0] <= 1.0
 
 
+def test_qtype_probe_from_an_align_checkpoint_refreshes_the_tokens_it_never_saw(tmp_path, monkeypatch):
+    import probe_mmllm_qtype
+
+    from polymodal.checkpoint import save_checkpoint
+    from polymodal.quickstart import stage_config
+    from polymodal.recipes.mmllm import build_mmllm
+    from polymodal.recipes.seen_tokens import SEEN_TOKENS_FILE, SeenTokens
+
+    model, tokenizer = build_mmllm(stage_config("align", tmp_path, seed=0))
+    folder = save_checkpoint(model, tmp_path / "align", tokenizer)
+    seen = SeenTokens(model.config.lm.vocab_size)
+    seen.seen[:11] = True
+    seen.save(folder / SEEN_TOKENS_FILE)
+    refreshed = []
+    real = probe_mmllm_qtype.reinit_unseen_tokens
+    monkeypatch.setattr(probe_mmllm_qtype, "reinit_unseen_tokens",
+                        lambda lm, record, seed: refreshed.append(real(lm, record, seed)) or refreshed[-1])
+    r = probe_mmllm_qtype.probe_qtype("existence", init=str(folder), steps=1, docs=2, eval_scenes=1)
+    assert refreshed == [model.config.lm.vocab_size - 11] and len(r["losses"]) == 1
+
+
 def test_qtype_probe_with_the_scene_as_text():
     import probe_mmllm_qtype
 

@@ -58,6 +58,8 @@ def test_recipe_config_errors():
         MMLLMRecipeConfig(trainable=["decoder"])
     with pytest.raises(ValueError, match="caption_styles"):
         MMLLMDataConfig(caption_styles=["poem"])
+    with pytest.raises(ValueError, match="describe"):
+        MMLLMDataConfig(describe=-0.1)
 
 
 def test_align_captions_follow_caption_styles():
@@ -72,6 +74,25 @@ def test_align_captions_follow_caption_styles():
     for index in range(3):
         answer = [seg for seg in document(index).segments if seg.loss]
         assert tokenizer.decode(answer[0].tokens.tolist()).strip().startswith(world[index].caption("grounded"))
+
+
+def test_instruct_chats_follow_turns_and_describe():
+    from polymodal.data.conversation import IMAGE_MARKER
+    from polymodal.data.world import world_tokenizer
+    from polymodal.recipes.mmllm import world_documents
+
+    tokenizer = world_tokenizer()
+    world = World("train", image_size=32)
+    for describe in (0.0, 1.0):
+        document = world_documents("instruct", tokenizer, ImageProcessor(32), world,
+                                   tokenizer.token_to_id(IMAGE_MARKER), 4, turns=1, caption_styles=["short"],
+                                   describe=describe)
+        for index in range(5):
+            answers = [seg for seg in document(index).segments if seg.loss]
+            assert len(answers) == 1  # one turn, one supervised answer
+            expected = world[index].conversation(1, describe)[1]["content"]
+            assert tokenizer.decode(answers[0].tokens.tolist()).strip() == expected + "<|im_end|>"
+            assert (len(expected.split()) > 3) == (describe == 1.0)  # descriptions are sentences, answers words
 
 
 def test_text_replay_mixes_the_share_of_text_chats_with_loss_on_the_answer_only():

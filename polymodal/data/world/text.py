@@ -124,7 +124,20 @@ def _grounded_captions(scene: Scene) -> list[str]:
     return [clauses[0].upper() + clauses[1:] + "."]
 
 
-_CAPTIONS = {"short": _short_captions, "detailed": _detailed_captions, "grounded": _grounded_captions}
+def _located_captions(scene: Scene) -> list[str]:
+    # The object first, then its place, in an order seeded by the scene (not reading order, so the
+    # place cannot be guessed from the clause's rank): "A small red circle is in the top left; ...".
+    # Naming the place needs the object the earlier words described found among the image cells,
+    # a content lookup made after gathering context, which the grounded style never asks for and
+    # which the comparison questions (existence, count of a color, relation) are built on.
+    objects = list(scene.objects)
+    np.random.default_rng([scene.seed, 7]).shuffle(objects)
+    clauses = "; ".join(f"{with_article(noun(o, True))} is {LOCATIVES[o.position]}" for o in objects)
+    return [clauses[0].upper() + clauses[1:] + "."]
+
+
+_CAPTIONS = {"short": _short_captions, "detailed": _detailed_captions, "grounded": _grounded_captions,
+             "located": _located_captions}
 CAPTION_STYLES = tuple(_CAPTIONS)
 
 
@@ -220,14 +233,17 @@ def questions(scene: Scene) -> list[QA]:
     )
 
 
-def conversation(scene: Scene, turns: int = 3) -> list[dict]:
+def conversation(scene: Scene, turns: int = 3, describe: float = 0.5) -> list[dict]:
     """A `turns`-turn chat about `scene`: a description request or a question per user turn.
 
-    Questions are drawn round-robin over question types so turns vary; the first user turn
-    starts with "<image>\\n". Returns [{"role": "user"|"assistant", "content": str}, ...].
+    With probability `describe` (drawn from the scene's seed) the chat opens with a description
+    request; every other turn is a question, drawn round-robin over question types so turns vary.
+    The first user turn starts with "<image>\\n". Returns [{"role": "user"|"assistant", "content": str}, ...].
     """
     if turns < 1:
         raise ValueError(f"conversation: turns must be >= 1, got {turns!r}")
+    if not 0.0 <= describe <= 1.0:
+        raise ValueError(f"conversation: describe must be a probability in [0, 1], got {describe!r}")
     rng = np.random.default_rng([scene.seed, 202])
     by_type: dict[str, list[QA]] = {}
     for qa in questions(scene):
@@ -237,7 +253,7 @@ def conversation(scene: Scene, turns: int = 3) -> list[dict]:
     order = list(by_type)
     rng.shuffle(order)
     pairs: list[tuple[str, str]] = []
-    if rng.random() < 0.5:
+    if rng.random() < describe:
         prompt = DESCRIBE_PROMPTS[int(rng.integers(len(DESCRIBE_PROMPTS)))]
         pairs.append((prompt, caption(scene, "detailed", int(rng.integers(3)))))
     k = 0

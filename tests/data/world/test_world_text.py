@@ -110,6 +110,25 @@ def test_grounded_caption_names_each_place_before_its_object():
         captions_of(scene, ["poem"])
 
 
+
+def test_located_caption_names_each_object_before_its_place_in_a_seeded_order():
+    scenes = World("val", num_objects=(3, 3)).scenes(20)
+    orders = set()
+    for scene in scenes:
+        located = scene.caption("located")
+        assert captions_of(scene, ["located"]) == [located] and located == scene.caption("located")
+        clauses = located.rstrip(".").split("; ")
+        assert len(clauses) == len(scene.objects)
+        named = []
+        for clause in clauses:
+            phrase, locative = clause.lower().split(" is ")
+            size, color, shape = phrase.split()[1:]
+            (obj,) = [o for o in scene.objects if (o.size, o.color, o.shape) == (size, color, shape)
+                      and LOCATIVES[o.position] == locative]
+            named.append(scene.objects.index(obj))
+        assert sorted(named) == list(range(len(scene.objects)))
+        orders.add(tuple(named))
+    assert len(orders) > 1  # not always reading order
 def test_conversation_format():
     for scene in World("train", num_objects=(1, 5)).scenes(20):
         for turns in (1, 3, 5):
@@ -123,3 +142,20 @@ def test_conversation_format():
             for user, reply in zip(chat[::2], chat[1::2]):
                 question = user["content"].removeprefix("<image>\n")
                 assert (question, reply["content"]) in qa or question.startswith(("Describe", "What do you see"))
+
+
+def test_conversation_describe_sets_the_share_of_chats_that_open_with_a_description():
+    from polymodal.data.world.text import DESCRIBE_PROMPTS
+
+    def opens_with_description(chat):
+        return chat[0]["content"].removeprefix("<image>\n") in DESCRIBE_PROMPTS
+
+    scenes = list(World("train", num_objects=(1, 3)).scenes(200))
+    assert not any(opens_with_description(s.conversation(1, describe=0.0)) for s in scenes)
+    assert all(opens_with_description(s.conversation(1, describe=1.0)) for s in scenes)
+    share = sum(opens_with_description(s.conversation(1, describe=0.125)) for s in scenes) / len(scenes)
+    assert 0.05 < share < 0.22
+    assert all(s.conversation(4) == s.conversation(4, describe=0.5) for s in scenes[:20])
+    with pytest.raises(ValueError, match="describe"):
+        scenes[0].conversation(2, describe=1.5)
+

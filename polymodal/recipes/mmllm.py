@@ -47,7 +47,8 @@ class MMLLMDataConfig:
 
     num_scenes: train scenes cycled through; num_objects / background: the world's options;
     turns: user turns per chat (instruct); describe (instruct): share of the chats whose first
-    turn asks for a description (the other turns are questions); docs_per_batch: chats packed per step;
+    turn asks for a description (the other turns are questions); question_weights (instruct):
+    {qtype: n} asks that question type n times as often (1 for the others); docs_per_batch: chats packed per step;
     max_tokens: packed row length; preset: image preprocessing ("clip", "siglip", "llava");
     caption_styles (align): the world caption styles whose templates the captions are drawn from
     ("short", "detailed", "grounded": place first, then the object; "located": the object, then its place);
@@ -61,6 +62,7 @@ class MMLLMDataConfig:
     background: str = "plain"
     turns: int = 6
     describe: float = 0.5
+    question_weights: dict[str, int] = field(default_factory=dict)
     docs_per_batch: int = 32
     max_tokens: int = 512
     preset: str = "clip"
@@ -70,6 +72,9 @@ class MMLLMDataConfig:
     def __post_init__(self):
         if not 0.0 <= self.describe <= 1.0:
             raise ValueError(f"MMLLMDataConfig.describe must be in [0, 1], got {self.describe!r}")
+        from polymodal.data.world.text import check_question_weights
+
+        check_question_weights(self.question_weights, "MMLLMDataConfig.question_weights")
         if not 0.0 <= self.text_replay < 1.0:
             raise ValueError(f"MMLLMDataConfig.text_replay must be in [0, 1), got {self.text_replay!r}")
         from polymodal.data.world.text import CAPTION_STYLES
@@ -202,10 +207,11 @@ def set_trainable(model: MultimodalLM, parts: Sequence[str], lora: LoRAConfig) -
 # ----------------------------------------------------------------------------------------- data
 
 def world_documents(stage: str, tokenizer, processor: ImageProcessor, world, image_token_id: int,
-                    image_tokens: int, turns: int, caption_styles: Sequence[str], describe: float = 0.5):
+                    image_tokens: int, turns: int, caption_styles: Sequence[str], describe: float = 0.5,
+                    question_weights: dict[str, int] | None = None):
     """A function index -> Document over `world`'s scenes: caption chats (align, one template of
     `caption_styles` per scene) or QA chats (instruct: `turns` user turns, the first a description
-    request in a `describe` share of them)."""
+    request in a `describe` share of them, question types drawn by `question_weights`)."""
     from polymodal.data.world.text import DESCRIBE_PROMPTS, captions_of
 
     def document(index: int) -> Document:
@@ -216,7 +222,7 @@ def world_documents(stage: str, tokenizer, processor: ImageProcessor, world, ima
             messages = [{"role": "user", "content": IMAGE_MARKER + "\n" + DESCRIBE_PROMPTS[index % len(DESCRIBE_PROMPTS)]},
                         {"role": "assistant", "content": captions[index % len(captions)]}]
         else:
-            messages = scene.conversation(turns, describe)
+            messages = scene.conversation(turns, describe, question_weights)
         return conversation_document(tokenizer, messages, [pixels], image_token_id, image_tokens)
 
     return document
@@ -250,7 +256,7 @@ def make_batches(config: MMLLMRecipeConfig, model: MultimodalLM, tokenizer,
                   background=d.background, seed=config.train.seed)
     processor = ImageProcessor.for_model(model.config, d.preset)
     document = world_documents(config.stage, tokenizer, processor, world, model.config.image_token_id,
-                               model.image_tokens, d.turns, d.caption_styles, d.describe)
+                               model.image_tokens, d.turns, d.caption_styles, d.describe, d.question_weights)
     if config.replays_text:
         document = with_text_replay(document, replay, tokenizer, d.text_replay)
     return ShuffledBatches(d.num_scenes, min(d.docs_per_batch, d.num_scenes),

@@ -60,6 +60,8 @@ def test_recipe_config_errors():
         MMLLMDataConfig(caption_styles=["poem"])
     with pytest.raises(ValueError, match="describe"):
         MMLLMDataConfig(describe=-0.1)
+    with pytest.raises(ValueError, match="question_weights"):
+        MMLLMDataConfig(question_weights={"existence": 0})
 
 
 def test_align_captions_follow_caption_styles():

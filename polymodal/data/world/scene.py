@@ -84,10 +84,11 @@ class Scene:
         """All question/answer pairs about the scene (see `text` for the answer vocabulary)."""
         return text.questions(self)
 
-    def conversation(self, turns: int = 3, describe: float = 0.5) -> list[dict]:
+    def conversation(self, turns: int = 3, describe: float = 0.5, weights: dict[str, int] | None = None) -> list[dict]:
         """A multi-turn chat [{"role", "content"}] that opens with a description request with
-        probability `describe`; the first user turn starts with "<image>\\n"."""
-        return text.conversation(self, turns, describe)
+        probability `describe` and draws question types by `weights` (see `text.conversation`);
+        the first user turn starts with "<image>\\n"."""
+        return text.conversation(self, turns, describe, weights)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict; `Scene.from_dict` rebuilds an equal scene."""

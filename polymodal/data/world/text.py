@@ -18,7 +18,7 @@ questions skip them), so the compositional hold-out covers text as well as pixel
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -233,13 +233,25 @@ def questions(scene: Scene) -> list[QA]:
     )
 
 
-def conversation(scene: Scene, turns: int = 3, describe: float = 0.5) -> list[dict]:
+def check_question_weights(weights: Mapping[str, int], name: str) -> dict[str, int]:
+    """`weights` as a dict if it maps question types to integers >= 1; else a ValueError naming `name`."""
+    bad = {t: n for t, n in weights.items() if t not in QTYPES or not isinstance(n, int) or n < 1}
+    if bad:
+        raise ValueError(f"{name} must map question types {QTYPES} to integers >= 1, got {bad!r}")
+    return dict(weights)
+
+
+def conversation(scene: Scene, turns: int = 3, describe: float = 0.5,
+                 weights: Mapping[str, int] | None = None) -> list[dict]:
     """A `turns`-turn chat about `scene`: a description request or a question per user turn.
 
     With probability `describe` (drawn from the scene's seed) the chat opens with a description
     request; every other turn is a question, drawn round-robin over question types so turns vary.
+    `weights` ({qtype: n >= 1}, 1 for types it leaves out) puts a type n times into the shuffled
+    round-robin, so a one-question chat asks it n times as often.
     The first user turn starts with "<image>\\n". Returns [{"role": "user"|"assistant", "content": str}, ...].
     """
+    weights = check_question_weights(weights or {}, "conversation: weights")
     if turns < 1:
         raise ValueError(f"conversation: turns must be >= 1, got {turns!r}")
     if not 0.0 <= describe <= 1.0:
@@ -250,7 +262,7 @@ def conversation(scene: Scene, turns: int = 3, describe: float = 0.5) -> list[di
         by_type.setdefault(qa.qtype, []).append(qa)
     for pool in by_type.values():
         rng.shuffle(pool)
-    order = list(by_type)
+    order = [qtype for qtype in by_type for _ in range(weights.get(qtype, 1))]
     rng.shuffle(order)
     pairs: list[tuple[str, str]] = []
     if rng.random() < describe:

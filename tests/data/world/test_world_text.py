@@ -144,6 +144,21 @@ def test_conversation_format():
                 assert (question, reply["content"]) in qa or question.startswith(("Describe", "What do you see"))
 
 
+def test_conversation_weights_ask_a_question_type_more_often():
+    scenes = list(World("train", num_objects=(2, 3)).scenes(300))
+
+    def share(weights):
+        asked = [s.conversation(1, describe=0.0, weights=weights)[0]["content"].split("\n", 1)[1] for s in scenes]
+        existence = [{qa.question for qa in s.questions() if qa.qtype == "existence"} for s in scenes]
+        return sum(q in e for q, e in zip(asked, existence)) / len(scenes)
+
+    assert share(None) < 0.22 and share({"existence": 4}) > 0.3
+    assert all(s.conversation(3) == s.conversation(3, weights={}) for s in scenes[:20])
+    for bad in ({"poem": 2}, {"existence": 0}, {"count": 1.5}):
+        with pytest.raises(ValueError, match="weights"):
+            scenes[0].conversation(2, weights=bad)
+
+
 def test_conversation_describe_sets_the_share_of_chats_that_open_with_a_description():
     from polymodal.data.world.text import DESCRIBE_PROMPTS
 

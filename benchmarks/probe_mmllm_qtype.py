@@ -41,7 +41,7 @@ from polymodal.nn.lora import LoRAConfig
 from polymodal.quickstart import stage_config
 from polymodal.eval.mmllm import answer_questions
 from polymodal.recipes.mmllm import build_mmllm, set_trainable
-from polymodal.recipes.seen_tokens import SEEN_TOKENS_FILE, SeenTokens, reinit_unseen_tokens
+from polymodal.recipes.seen_tokens import recorded_in, reinit_unseen_tokens
 from polymodal.sequence import pack_documents
 from polymodal.train.data import ShuffledBatches
 from polymodal.train.loop import TrainConfig, train
@@ -118,9 +118,9 @@ def probe_qtype(qtype: str, init: str | None = None, steps: int = 400, docs: int
     torch.manual_seed(0)
     if init:
         model, tokenizer = load(init)
-        record = Path(init) / SEEN_TOKENS_FILE
-        if record.exists():
-            reinit_unseen_tokens(model.lm, SeenTokens.load(record), seed=0)
+        seen = recorded_in(init)
+        if seen is not None:
+            reinit_unseen_tokens(model.lm, seen, seed=0)
     else:
         # Only the stage config's model and tokenizer settings are read here; nothing is written.
         stage = stage_config("instruct", Path("unused"), seed=0)

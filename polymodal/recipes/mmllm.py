@@ -29,7 +29,7 @@ from polymodal.config import config_to_yaml, load_config
 from polymodal.data.conversation import IMAGE_MARKER, ImageProcessor, conversation_document
 from polymodal.models.mmllm import MMLLMConfig, MultimodalLM, size_to_tokenizer
 from polymodal.nn.lora import LoRAConfig, apply_lora, merge_lora
-from polymodal.recipes.seen_tokens import SEEN_TOKENS_FILE, SeenTokens, reinit_unseen_tokens
+from polymodal.recipes.seen_tokens import SEEN_TOKENS_FILE, SeenTokens, recorded_in, reinit_unseen_tokens
 from polymodal.sequence import Document, pack_documents
 from polymodal.train.data import ShuffledBatches
 from polymodal.train.loop import TrainConfig, TrainResult, train
@@ -70,14 +70,13 @@ class MMLLMDataConfig:
     text_replay: float = 0.0
 
     def __post_init__(self):
+        from polymodal.data.world.text import CAPTION_STYLES, check_question_weights
+
         if not 0.0 <= self.describe <= 1.0:
             raise ValueError(f"MMLLMDataConfig.describe must be in [0, 1], got {self.describe!r}")
-        from polymodal.data.world.text import check_question_weights
-
         check_question_weights(self.question_weights, "MMLLMDataConfig.question_weights")
         if not 0.0 <= self.text_replay < 1.0:
             raise ValueError(f"MMLLMDataConfig.text_replay must be in [0, 1), got {self.text_replay!r}")
-        from polymodal.data.world.text import CAPTION_STYLES
 
         unknown = [style for style in self.caption_styles if style not in CAPTION_STYLES]
         if unknown or not self.caption_styles:
@@ -320,10 +319,10 @@ def train_mmllm(config: MMLLMRecipeConfig, model: MultimodalLM | None = None, to
 
 def _reinit_tokens_the_last_stage_never_saw(model: MultimodalLM, config: MMLLMRecipeConfig) -> None:
     """Fresh embedding rows for the ids `config.init_from`'s stage never saw, when it recorded them."""
-    record = Path(config.init_from) / SEEN_TOKENS_FILE if config.init_from else None
-    if not config.reinit_unseen_tokens or record is None or not record.exists():
+    seen = recorded_in(config.init_from) if config.init_from and config.reinit_unseen_tokens else None
+    if seen is None:
         return
-    count = reinit_unseen_tokens(model.lm, SeenTokens.load(record), seed=config.train.seed)
+    count = reinit_unseen_tokens(model.lm, seen, seed=config.train.seed)
     print(f"mmllm: fresh embeddings for the {count} of {model.config.lm.vocab_size} token ids the previous stage "
           f"never saw (its softmax had pushed them all one way)")
 

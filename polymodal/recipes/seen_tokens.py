@@ -60,6 +60,13 @@ class SeenTokens:
         return cls.load(path) if path is not None and path.exists() else cls(vocab_size)
 
 
+def recorded_in(checkpoint: str | Path) -> SeenTokens | None:
+    """The token ids the stage that wrote `checkpoint` saw (its `seen_tokens.json`), or None when
+    it recorded none (a stage that did not train the LM's embeddings, or a foreign checkpoint)."""
+    record = Path(checkpoint) / SEEN_TOKENS_FILE
+    return SeenTokens.load(record) if record.exists() else None
+
+
 def reinit_unseen_tokens(lm: torch.nn.Module, seen: SeenTokens, seed: int = 0) -> int:
     """Give every token id that `seen` lacks fresh N(0, INIT_STD) rows in `lm.embed_tokens` and,
     when it is untied, `lm.lm_head`. Ids beyond the recorded vocabulary count as unseen.

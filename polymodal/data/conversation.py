@@ -155,9 +155,10 @@ class ImageProcessor:
         self._preprocess = Preprocess.preset(preset, size)
 
     @classmethod
-    def for_model(cls, config, preset: str = "clip", **kwargs) -> "ImageProcessor":
-        """The processor for an `MMLLMConfig` (its vision tower's native resolution)."""
-        return cls(config.image_size, preset, **kwargs)
+    def for_model(cls, config, preset: str | None = None, **kwargs) -> "ImageProcessor":
+        """The processor for an `MMLLMConfig`: its vision tower's native resolution and, unless
+        `preset` overrides it, its `image_preset`."""
+        return cls(config.image_size, preset or config.image_preset, **kwargs)
 
     def _to_pil(self, image) -> Image.Image:
         if isinstance(image, Image.Image):

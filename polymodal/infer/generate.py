@@ -50,7 +50,7 @@ def left_pad(prompts: Sequence[Sequence[int]] | torch.Tensor, pad_id: int = 0) -
 def generate(model, input_ids, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None, stop_strings: Sequence[str] = (),
              tokenizer=None, on_token: Callable[[int, int], None] | None = None, use_cache: bool = True,
-             seed: int | None = None, inputs_embeds: torch.Tensor | None = None,
+             seed: int | None = None, inputs_embeds: torch.Tensor | None = None, prefill_inputs: dict | None = None,
              attention_mask: torch.Tensor | None = None, suppress_tokens: Sequence[int] = ()) -> list[list[int]]:
     """Generate up to `max_new_tokens` per prompt; returns the new token ids of each row.
 
@@ -63,6 +63,7 @@ def generate(model, input_ids, *, max_new_tokens: int = 64, temperature: float =
     inputs_embeds (B, T, D) + attention_mask (B, T): prefill from embeddings (multimodal prompts);
         input_ids then only supply the batch size.
     suppress_tokens: ids never generated (e.g. an `<image>` placeholder, which a reply cannot fill).
+    prefill_inputs: extra keyword arguments of the prompt's forward (e.g. a multimodal model's `image_mask`).
     """
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the continuation")
@@ -80,7 +81,7 @@ def generate(model, input_ids, *, max_new_tokens: int = 64, temperature: float =
     padded = bool((mask == 0).any())
     cache = model.new_kv_cache(batch, prompt_len + max_new_tokens) if use_cache else None
     out = model(None if inputs_embeds is not None else ids, inputs_embeds=inputs_embeds,
-                attention_mask=mask if padded else None, kv_cache=cache, logits_to_keep=1)
+                attention_mask=mask if padded else None, kv_cache=cache, logits_to_keep=1, **(prefill_inputs or {}))
     new_tokens: list[list[int]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     suppress = torch.tensor(list(suppress_tokens), dtype=torch.long, device=device)

@@ -69,8 +69,10 @@ def llava_config_from_hf(cfg: dict, source: str = "config.json") -> MMLLMConfig:
     text_cfg = {"model_type": "llama", **(cfg.get("text_config") or {})}
     lm = decoder_config_from_hf(text_cfg, f"{source} (text_config)")
     image_token = cfg.get("image_token_id", cfg.get("image_token_index", _DEFAULT_IMAGE_TOKEN))
+    preset = "siglip" if vision_cfg["model_type"].startswith("siglip") else "clip"  # the tower's own pixels
     return MMLLMConfig(vision=vision, lm=lm, projector=ProjectorConfig(kind="mlp", mlp_depth=2),
-                       vision_feature_layer=layer, drop_class_token=strategy == "default", image_token_id=image_token)
+                       vision_feature_layer=layer, drop_class_token=strategy == "default", image_token_id=image_token,
+                       image_preset=preset)
 
 
 def hf_config_from_llava(config: MMLLMConfig, tokenizer=None) -> dict:
@@ -79,6 +81,9 @@ def hf_config_from_llava(config: MMLLMConfig, tokenizer=None) -> dict:
     Needs an "mlp" projector of depth 2 and a CLIP/SigLIP-layout tower. Token roles the LM config
     leaves open (bos/eos/pad) are filled from `tokenizer` when given.
     """
+    if config.image_lora.rank:
+        raise ValueError("MMLLMConfig.image_lora: LLaVA has no image-position LoRA adapters; such a model cannot be "
+                         "exported (train with lora.image_tokens_only: false to get mergeable adapters)")
     if config.vision_tower != "vit":
         raise ValueError(f"MMLLMConfig.vision_tower: LLaVA export needs a ViT (CLIP/SigLIP) tower, got {config.vision_tower!r}")
     p = config.projector

@@ -4,10 +4,11 @@ Images enter the token stream HF-LLaVA style: the prompt holds K copies of the `
 id per image (K = the projector's token count), and the projected image features replace those
 positions' embeddings, image by image in reading order. The same rule serves plain (B, T)
 batches, packed rows (`PackedBatch`, whose image segments carry the pixels) and generation.
+With `image_lora`, the LM carries LoRA adapters that act on those image positions only.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -17,6 +18,7 @@ from polymodal.data.conversation import IMAGE_MARKER
 from polymodal.encoders.convnet import ConvNet, ConvNetConfig
 from polymodal.encoders.vit import ViTConfig, VisionTransformer
 from polymodal.models.registry import Family, register
+from polymodal.nn.lora import LoRAConfig, apply_lora, lora_parameters, token_gated_lora
 from polymodal.projectors import ProjectorConfig, build_projector
 from polymodal.sequence import PackedBatch
 
@@ -32,6 +34,12 @@ class MMLLMConfig:
     vision_tower: "vit" (`vision`, the ViT / CLIP / SigLIP layout) or "cnn" (`cnn`, the
     contrastive family's convolutional tower, whose final feature map is the token grid; it has
     no layers to select, so `vision_feature_layer` must then be -1).
+    image_preset: the pixel preprocessing the vision tower expects (`polymodal.data.image`
+    presets: "clip" mean/std, "siglip" = [-1, 1], "llava" = clip on a padded square); training,
+    evaluation and chat all read it from here, so they cannot disagree.
+    image_lora: LoRA adapters on the LM that act on the image positions only (Partial LoRA, as
+    in InternLM-XComposer2); rank 0 = none. Text positions keep the base LM's weights, so
+    text-only chats get exactly the base LM's answers. They cannot be merged, so the model holds them.
     """
 
     vision: ViTConfig = field(default_factory=ViTConfig)
@@ -42,8 +50,14 @@ class MMLLMConfig:
     image_token_id: int = 0
     vision_tower: str = "vit"
     cnn: ConvNetConfig = field(default_factory=ConvNetConfig)
+    image_preset: str = "clip"
+    image_lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
+        from polymodal.data.image import PRESETS
+
+        if self.image_preset not in PRESETS:
+            raise ValueError(f"MMLLMConfig.image_preset must be one of {PRESETS}, got {self.image_preset!r}")
         if self.vision_tower not in VISION_TOWERS:
             raise ValueError(f"MMLLMConfig.vision_tower must be one of {VISION_TOWERS}, got {self.vision_tower!r}")
         if self.vision_tower == "cnn" and self.vision_feature_layer != -1:
@@ -84,6 +98,24 @@ class MultimodalLM(nn.Module):
         self.vision = ConvNet(config.cnn) if config.vision_tower == "cnn" else VisionTransformer(config.vision)
         self.lm = DecoderLM(config.lm)
         self.projector = build_projector(config.projector, config.vision_width, config.lm.hidden_size)
+        lora = config.image_lora
+        if lora.rank:
+            apply_lora(self.lm, lora.targets, lora.rank, lora.alpha, lora.dropout, freeze_base=False)
+
+    def add_image_lora(self, lora: LoRAConfig) -> None:
+        """Put image-position adapters (see `MMLLMConfig.image_lora`) on the LM, unless it has them,
+        and make them the LM's only trainable parameters."""
+        if not self.config.image_lora.rank:
+            apply_lora(self.lm, lora.targets, lora.rank, lora.alpha, lora.dropout)
+            self.config.image_lora = replace(lora, image_tokens_only=True)
+        self.lm.requires_grad_(False)
+        for param in lora_parameters(self.lm):
+            param.requires_grad_(True)
+
+    def image_slots(self, input_ids: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """Bool (B, T): the `<image>` placeholder positions; `padding` (B, T, 1 = real token) rules out padding."""
+        slots = input_ids == self.config.image_token_id
+        return slots & padding.bool() if padding is not None else slots
 
     @property
     def image_tokens(self) -> int:
@@ -92,13 +124,7 @@ class MultimodalLM(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor, **projector_inputs) -> torch.Tensor:
         """pixel_values (N, C, H, W) -> image embeddings in LM space (N, K, D_lm)."""
-        if self.config.vision_tower == "cnn":
-            # The ViT casts pixels in its patch embedding; the convolutions need it done here.
-            features = self.vision(pixel_values.to(next(self.vision.parameters()).dtype)).last_hidden_state
-        else:
-            features = self.vision.patch_features(pixel_values, self.config.vision_feature_layer,
-                                                  drop_class_token=self.config.drop_class_token)
-        return self.projector(features, **projector_inputs)
+        return self.projector(tower_features(self.vision, self.config, pixel_values), **projector_inputs)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               attention_mask: torch.Tensor | None = None, **projector_inputs) -> torch.Tensor:
@@ -106,9 +132,7 @@ class MultimodalLM(nn.Module):
 
         attention_mask (B, T): padding positions (0) are never image slots, whatever their id.
         """
-        slots = input_ids == self.config.image_token_id
-        if attention_mask is not None:
-            slots &= attention_mask.bool()
+        slots = self.image_slots(input_ids, attention_mask)
         # The placeholder id may lie outside the LM vocabulary (as in some LLaVA exports).
         embeds = self.lm.embed_tokens(input_ids.masked_fill(slots, 0))  # (B, T, D)
         num_slots = int(slots.sum())
@@ -128,24 +152,35 @@ class MultimodalLM(nn.Module):
                 attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 packed: PackedBatch | None = None, kv_cache=None, labels: torch.Tensor | None = None,
                 logits_to_keep: int = 0, loss_only: bool = False, inputs_embeds: torch.Tensor | None = None,
-                **projector_inputs) -> LMOutput:
+                image_mask: torch.Tensor | None = None, **projector_inputs) -> LMOutput:
         """Run the model; see `DecoderLM.forward` for the LM arguments.
 
         With `packed`, ids come from the batch and pixels from its image placements (layout order).
+        image_mask (B, T): the image positions, for `image_lora` when only `inputs_embeds` are
+        given (otherwise they are read from the ids).
         """
+        padding = None
         if packed is not None:
             input_ids = packed.token_ids
             images = [p.segment.data for p in packed.placements if p.segment.modality == "image"]
             pixel_values = torch.stack(images).to(input_ids.device) if images else None
+            padding = packed.document_ids >= 0  # tail padding may share the placeholder's id
+        elif input_ids is not None and attention_mask is not None and attention_mask.shape == input_ids.shape:
+            padding = attention_mask
         if inputs_embeds is None:
-            if packed is not None:
-                padding = packed.document_ids >= 0  # tail padding may share the placeholder's id
-            else:
-                padding = attention_mask if attention_mask is not None and attention_mask.shape == input_ids.shape else None
             inputs_embeds = self.embed(input_ids, pixel_values, padding, **projector_inputs)
-        return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, positions=positions,
-                       packed=packed, kv_cache=kv_cache, labels=labels, logits_to_keep=logits_to_keep,
-                       loss_only=loss_only)
+        lm_inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "positions": positions,
+                     "packed": packed, "kv_cache": kv_cache, "labels": labels, "logits_to_keep": logits_to_keep,
+                     "loss_only": loss_only}
+        if not self.config.image_lora.rank:
+            return self.lm(**lm_inputs)
+        if image_mask is None:
+            if input_ids is None:
+                raise ValueError("MultimodalLM with image_lora: give input_ids or image_mask with inputs_embeds, "
+                                 "so the adapters know the image positions")
+            image_mask = self.image_slots(input_ids, padding)
+        with token_gated_lora(self.lm, image_mask):
+            return self.lm(**lm_inputs)
 
     def new_kv_cache(self, batch_size: int, max_len: int):
         """An empty KV cache for the LM."""
@@ -167,12 +202,22 @@ class MultimodalLM(nn.Module):
                             attention_mask=mask.to(device),
                             **{k: v.to(device) for k, v in (projector_inputs or {}).items()})
         return generate(self, ids, inputs_embeds=embeds, attention_mask=mask,
+                        prefill_inputs={"image_mask": self.image_slots(ids.to(device), mask.to(device))},
                         suppress_tokens=self.generation_suppressed_tokens(), **kwargs)
 
     def generation_suppressed_tokens(self) -> tuple[int, ...]:
         """Ids a reply must never contain: the `<image>` placeholder (a reply carries no pixels)."""
         placeholder = self.config.image_token_id
         return (placeholder,) if 0 <= placeholder < self.config.lm.vocab_size else ()
+
+
+def tower_features(tower: nn.Module, config: MMLLMConfig, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The tokens a vision tower hands the projector, as `config` selects them: pixel_values
+    (N, C, H, W) -> (N, config.vision_patches, config.vision_width)."""
+    if config.vision_tower == "cnn":
+        # The ViT casts pixels in its patch embedding; the convolutions need it done here.
+        return tower(pixel_values.to(next(tower.parameters()).dtype)).last_hidden_state
+    return tower.patch_features(pixel_values, config.vision_feature_layer, drop_class_token=config.drop_class_token)
 
 
 def mmllm_tiny() -> MMLLMConfig:

@@ -5,6 +5,10 @@
 `apply_lora` swaps each targeted `nn.Linear` for a `LoRALinear` in place, freezes every
 parameter of the wrapped module except the adapters, and returns the replaced names.
 `merge_lora` folds W += (alpha / rank) * B @ A back into plain `nn.Linear` layers.
+`token_gated_lora(model, gate)` limits the update to the positions where `gate` (B, T) is true
+for the forwards run inside it; the rest get exactly the base layer's output. MM-LLMs use it to
+adapt only the image positions (InternLM-XComposer2's Partial LoRA, arXiv:2401.16420), so text
+keeps the base LM's weights; such adapters cannot be merged and stay in the checkpoint.
 
 How checkpoints stay loadable: `LoRALinear` keeps the base layer's `weight`/`bias` under their
 original names and adds `lora_A`/`lora_B`. Training checkpoints written while adapters are on
@@ -15,7 +19,8 @@ model checkpoint, whose names are then exactly those of the plain model, so it l
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -29,12 +34,15 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 class LoRAConfig:
     """rank: adapter rank (0 = LoRA off); alpha: scale numerator (scale = alpha / rank);
     dropout: on the adapter's input; targets: names (last path component) of the Linear layers
-    to adapt, e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj."""
+    to adapt, e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.
+    image_tokens_only (MM-LLMs): the adapters act on image positions only (Partial LoRA); text
+    positions, and so text-only chats, keep the base LM's outputs exactly."""
 
     rank: int = 0
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
+    image_tokens_only: bool = False
 
 
 class LoRALinear(nn.Linear):
@@ -57,9 +65,16 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device, dtype=base.weight.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.token_gate: torch.Tensor | None = None  # set by `token_gated_lora`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        update = self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        if self.token_gate is not None:
+            if self.token_gate.shape != x.shape[:-1]:
+                raise ValueError(f"LoRA token gate of shape {tuple(self.token_gate.shape)} does not match the "
+                                 f"input's positions {tuple(x.shape[:-1])}")
+            update = update * self.token_gate.unsqueeze(-1).to(update.dtype)
+        return F.linear(x, self.weight, self.bias) + update
 
     def merged(self) -> nn.Linear:
         """A plain `nn.Linear` with the update folded in: W + scale * B @ A."""
@@ -108,6 +123,20 @@ def merge_lora(model: nn.Module) -> int:
     for name in names:
         _replace(model, name, model.get_submodule(name).merged())
     return len(names)
+
+
+@contextmanager
+def token_gated_lora(model: nn.Module, gate: torch.Tensor) -> Iterator[None]:
+    """Within the block, every `LoRALinear` of `model` applies its update only where `gate`
+    (bool, the positions of the inputs, e.g. (B, T)) is true."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.token_gate = gate
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.token_gate = None
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from polymodal.config import config_to_yaml, load_config
+from polymodal.data.world.text import CAPTION_STYLES, captions_of
 from polymodal.models.contrastive import ContrastiveConfig, ContrastiveModel
 from polymodal.train.data import IndexedBatches
 from polymodal.train.loop import TrainConfig, TrainResult, train
@@ -37,13 +38,16 @@ FASHION_TEMPLATES = ("a photo of a {}", "a picture of a {}", "an image of a {}",
 @dataclass
 class ClipDataConfig:
     """source: "world" or "fashion-mnist"; batch_size: pairs per step (the contrastive batch);
-    caption_styles (world): which caption templates to draw from ("short", "detailed");
-    background (world): "plain" | "noise" | "texture" | "mixed"."""
+    caption_styles (world): which caption templates to draw from (`polymodal.data.world.text`
+    styles: "short", "detailed", "grounded", "located"); background (world): "plain" | "noise" |
+    "texture" | "mixed"; num_objects (world): (min, max) objects per scene — more than one trains
+    a tower whose feature map tells several objects apart (an MM-LLM's vision tower, `vision_from`)."""
 
     source: str = "world"
     batch_size: int = 128
     caption_styles: list[str] = field(default_factory=lambda: ["short", "detailed"])
     background: str = "plain"
+    num_objects: tuple[int, int] = (1, 1)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -110,24 +114,27 @@ class WorldPairs:
 
     def __init__(self, tokenizer, batch_size: int, image_size: int, max_tokens: int,
                  styles: Sequence[str] = ("short", "detailed"), background: str = "plain",
-                 split: str = "train", seed: int = 0, special_tokens: bool = False):
+                 split: str = "train", seed: int = 0, special_tokens: bool = False,
+                 num_objects: tuple[int, int] = (1, 1)):
         from polymodal.data.world import World
 
-        self.world = World(split, image_size=image_size, num_objects=(1, 1), background=background, seed=seed)
+        self.world = World(split, image_size=image_size, num_objects=tuple(num_objects), background=background,
+                           seed=seed)
         self.tokenizer, self.batch_size, self.max_tokens = tokenizer, batch_size, max_tokens
         self.special_tokens = special_tokens
         self.styles = list(styles)
-        bad = [s for s in self.styles if s not in ("short", "detailed")]
+        bad = [s for s in self.styles if s not in CAPTION_STYLES]
         if bad or not self.styles:
-            raise ValueError(f"ClipDataConfig.caption_styles must be a non-empty subset of short/detailed, got {styles}")
+            raise ValueError(f"ClipDataConfig.caption_styles must be a non-empty subset of {CAPTION_STYLES}, "
+                             f"got {styles}")
 
     def __call__(self, index: int) -> dict:
         rng = np.random.default_rng([index, 7])  # caption choice: a pure function of the batch index
         scenes = list(self.world.scenes(self.batch_size, start=index * self.batch_size))
         texts = []
         for scene in scenes:
-            style = self.styles[int(rng.integers(len(self.styles)))]
-            texts.append(scene.caption(style, variant=int(rng.integers(4 if style == "short" else 3))))
+            templates = captions_of(scene, [self.styles[int(rng.integers(len(self.styles)))]])
+            texts.append(templates[int(rng.integers(len(templates)))])
         input_ids, mask = tokenize_captions(self.tokenizer, texts, self.max_tokens, self.special_tokens)
         pixels = pixels_from_uint8(np.stack([s.render() for s in scenes]))
         return {"pixel_values": pixels, "input_ids": input_ids, "attention_mask": mask}
@@ -229,7 +236,8 @@ def clip_batches(config: ClipRecipeConfig, model: ContrastiveModel, tokenizer) -
     d, special = config.data, config.model.text_tower != "transformer"
     if d.source == "world":
         fn = WorldPairs(tokenizer, d.batch_size, image_size_of(config.model), max_text_tokens(model),
-                        d.caption_styles, d.background, seed=config.train.seed, special_tokens=special)
+                        d.caption_styles, d.background, seed=config.train.seed, special_tokens=special,
+                        num_objects=d.num_objects)
     else:
         fn = FashionPairs(tokenizer, d.batch_size, max_text_tokens(model), seed=config.train.seed,
                           special_tokens=special)

@@ -11,13 +11,13 @@ from a GGUF file (`lm_from: smollm2` = SmolLM2-135M-Instruct), which then gets a
 special token and one more embedding row.
 
 Outputs under `train.out_dir`: training checkpoints, metrics, loss.png, recipe.yaml, and
-`final/` — the model checkpoint (LoRA merged) that `polymodal.load` reads.
+`final/` — the model checkpoint (LoRA merged; image-position adapters kept) that `polymodal.load` reads.
 """
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -27,7 +27,7 @@ import torch.nn as nn
 from polymodal.atomic import write_text_atomic
 from polymodal.config import config_to_yaml, load_config
 from polymodal.data.conversation import IMAGE_MARKER, ImageProcessor, conversation_document
-from polymodal.models.mmllm import MMLLMConfig, MultimodalLM, size_to_tokenizer
+from polymodal.models.mmllm import VISION_TOWERS, MMLLMConfig, MultimodalLM, size_to_tokenizer
 from polymodal.nn.lora import LoRAConfig, apply_lora, merge_lora
 from polymodal.recipes.seen_tokens import SEEN_TOKENS_FILE, SeenTokens, recorded_in, reinit_unseen_tokens
 from polymodal.sequence import Document, pack_documents
@@ -49,7 +49,7 @@ class MMLLMDataConfig:
     turns: user turns per chat (instruct); describe (instruct): share of the chats whose first
     turn asks for a description (the other turns are questions); question_weights (instruct):
     {qtype: n} asks that question type n times as often (1 for the others); docs_per_batch: chats packed per step;
-    max_tokens: packed row length; preset: image preprocessing ("clip", "siglip", "llava");
+    max_tokens: packed row length (images are preprocessed as the model's `image_preset` says);
     caption_styles (align): the world caption styles whose templates the captions are drawn from
     ("short", "detailed", "grounded": place first, then the object; "located": the object, then its place);
     text_replay (instruct): share of the chats that are text-only replay chats — general prompts
@@ -65,7 +65,6 @@ class MMLLMDataConfig:
     question_weights: dict[str, int] = field(default_factory=dict)
     docs_per_batch: int = 32
     max_tokens: int = 512
-    preset: str = "clip"
     caption_styles: list[str] = field(default_factory=lambda: ["short", "detailed"])
     text_replay: float = 0.0
 
@@ -88,8 +87,11 @@ class MMLLMDataConfig:
 class MMLLMRecipeConfig:
     """A full `mmllm` recipe stage.
 
-    init_from: a polymodal mmllm checkpoint to continue from (then `model` and `lm_from` are
-    ignored). lm_from: None (fresh LM on the world tokenizer), "smollm2" or a .gguf path.
+    init_from: a polymodal mmllm checkpoint to continue from (then `model`, `lm_from` and
+    `vision_from` are ignored). lm_from: None (fresh LM on the world tokenizer), "smollm2" or a
+    .gguf path. vision_from: a contrastive checkpoint whose trained image tower becomes the vision
+    tower (`vision_tower_from`: a polymodal `clip` recipe checkpoint, or an HF CLIP / SigLIP folder);
+    it replaces `model.vision` / `model.cnn` and sets `model.image_preset`.
     trainable: parts that train, from vision / projector / lm (None: the stage's default).
     lora: adapters on the LM (rank 0 = off); with LoRA, "lm" in `trainable` trains the adapters only.
     text_retention (instruct): record the LM's greedy answers to the held-out
@@ -104,6 +106,7 @@ class MMLLMRecipeConfig:
     stage: str = "align"
     init_from: str | None = None
     lm_from: str | None = None
+    vision_from: str | None = None
     model: MMLLMConfig = field(default_factory=MMLLMConfig)
     trainable: list[str] | None = None
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -128,6 +131,10 @@ class MMLLMRecipeConfig:
         for part in self.trainable or []:
             if part not in PARTS:
                 raise ValueError(f"mmllm recipe: trainable entries must be among {PARTS}, got {part!r}")
+        if self.replays_text and self.lora.rank and self.lora.image_tokens_only:
+            raise ValueError("mmllm recipe: data.text_replay does nothing with lora.image_tokens_only (text-only "
+                             "chats never reach the adapters, which keep them exactly as the base LM had them); "
+                             "set data.text_replay: 0")
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -174,6 +181,10 @@ def build_mmllm(config: MMLLMRecipeConfig) -> tuple[MultimodalLM, object]:
         if getattr(model, "family", None) != "mmllm":
             raise ValueError(f"mmllm recipe: init_from {config.init_from} holds a {model.family!r} model, not mmllm")
         return model.train(), tokenizer
+    tower = None
+    if config.vision_from:
+        tower_fields, tower = vision_tower_from(config.vision_from)
+        config.model = replace(config.model, **tower_fields)  # re-validates the feature layer
     model_config = config.model
     lm = None
     if config.lm_from:
@@ -190,7 +201,36 @@ def build_mmllm(config: MMLLMRecipeConfig) -> tuple[MultimodalLM, object]:
     model = MultimodalLM(model_config)
     if lm is not None:
         model.lm = lm
+    if tower is not None:
+        model.vision.load_state_dict(tower.state_dict())
     return model, tokenizer
+
+
+def vision_tower_from(source: str) -> tuple[dict, nn.Module]:
+    """The trained image tower of a contrastive checkpoint, for an MM-LLM's vision tower.
+
+    source: a polymodal `clip`-family checkpoint with a "vit" or "cnn" image tower (e.g. one the
+    `clip` recipe trained on the world), or an HF CLIP / SigLIP folder. Returns the `MMLLMConfig`
+    fields that describe it ({"vision_tower", "vision" or "cnn", "image_preset"}) and the tower
+    module with its weights. Pixels: the `clip` recipe trains on [-1, 1] pixels, which is the
+    "siglip" preset's normalisation; an HF folder keeps its family's own (CLIP mean/std or SigLIP's).
+    """
+    from polymodal.api import load
+    from polymodal.interop import detect_format
+
+    contrastive, _ = load(source)
+    family = getattr(contrastive, "family", type(contrastive).__name__)
+    if family != "clip":
+        raise ValueError(f"mmllm recipe: vision_from {source} holds a {family!r} model, not a contrastive "
+                         "(clip family) one whose image tower could be taken")
+    c = contrastive.config
+    if c.image_tower not in VISION_TOWERS:
+        raise ValueError(f"mmllm recipe: vision_from {source} has a {c.image_tower!r} image tower; "
+                         f"an MM-LLM's vision tower must be one of {VISION_TOWERS}")
+    trained_here = detect_format(source) == "polymodal"
+    fields = {"vision_tower": c.image_tower, "image_preset": "siglip" if trained_here or c.loss == "siglip" else "clip"}
+    fields["vision" if c.image_tower == "vit" else "cnn"] = c.vision if c.image_tower == "vit" else c.cnn
+    return fields, contrastive.vision_model
 
 
 def set_trainable(model: MultimodalLM, parts: Sequence[str], lora: LoRAConfig) -> int:
@@ -199,7 +239,13 @@ def set_trainable(model: MultimodalLM, parts: Sequence[str], lora: LoRAConfig) -
     for name in PARTS:
         getattr(model, name).requires_grad_(name in parts)
     if lora.rank > 0 and "lm" in parts:
-        apply_lora(model.lm, lora.targets, lora.rank, lora.alpha, lora.dropout)
+        if lora.image_tokens_only:
+            model.add_image_lora(lora)
+        elif model.config.image_lora.rank:
+            raise ValueError("mmllm recipe: this model's LM has image-position adapters (image_lora); continue with "
+                             "lora.image_tokens_only: true, or from a checkpoint without them")
+        else:
+            apply_lora(model.lm, lora.targets, lora.rank, lora.alpha, lora.dropout)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -253,7 +299,7 @@ def make_batches(config: MMLLMRecipeConfig, model: MultimodalLM, tokenizer,
     d = config.data
     world = World("train", image_size=model.config.image_size, num_objects=tuple(d.num_objects),
                   background=d.background, seed=config.train.seed)
-    processor = ImageProcessor.for_model(model.config, d.preset)
+    processor = ImageProcessor.for_model(model.config)
     document = world_documents(config.stage, tokenizer, processor, world, model.config.image_token_id,
                                model.image_tokens, d.turns, d.caption_styles, d.describe, d.question_weights)
     if config.replays_text:
@@ -269,7 +315,8 @@ def train_mmllm(config: MMLLMRecipeConfig, model: MultimodalLM | None = None, to
                 on_step=None) -> tuple[MultimodalLM, object, TrainResult, Path | None]:
     """Train one stage per `config`; returns (model, tokenizer, TrainResult, final checkpoint folder).
 
-    The returned model has any LoRA adapters merged.
+    The returned model has any LoRA adapters merged, except image-position ones (`lora.image_tokens_only`),
+    which it keeps (`MMLLMConfig.image_lora`).
     """
     if model is None:
         model, tokenizer = build_mmllm(config)
@@ -280,7 +327,10 @@ def train_mmllm(config: MMLLMRecipeConfig, model: MultimodalLM | None = None, to
     base_text = _base_text_answers(config, model, tokenizer, out)
     trainable = set_trainable(model, parts, config.lora)
     total = sum(p.numel() for p in model.parameters())
-    lora = f", LoRA rank {config.lora.rank} on {list(config.lora.targets)}" if config.lora.rank and "lm" in parts else ""
+    lora = ""
+    if config.lora.rank and "lm" in parts:
+        where = " at image positions only" if config.lora.image_tokens_only else ""
+        lora = f", LoRA rank {config.lora.rank} on {list(config.lora.targets)}{where}"
     print(f"mmllm stage {config.stage!r}: training {trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters "
           f"({', '.join(parts)}{lora}); {model.image_tokens} tokens per image")
     batches = make_batches(config, model, tokenizer, base_text.get("replay", ()))
@@ -303,7 +353,8 @@ def train_mmllm(config: MMLLMRecipeConfig, model: MultimodalLM | None = None, to
 
     result = train(model, batches, loss, config.train, tokens_in_batch=lambda batch: batch.num_tokens,
                    tokenizer=tokenizer, on_step=after_step)
-    merge_lora(model)
+    if not model.config.image_lora.rank:  # image-position adapters cannot be folded into shared weights
+        merge_lora(model)
     model.requires_grad_(True)
     if config.reports_retention:
         _report_retention(model, tokenizer, base_text["retention"], out)

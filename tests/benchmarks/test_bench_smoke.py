@@ -91,6 +91,31 @@ def test_format_table_and_json(tmp_path, monkeypatch):
     assert json.loads(out.read_text())["train"]["batch"] == [2, 16]
 
 
+def test_vision_cell_probe_reads_each_object_of_a_clip_tower(tmp_path):
+    """probe_vision_cells: one feature per object (1-3 a scene) from its cell's token of a clip
+    checkpoint's tower, every attribute labelled; the random patch projection keeps color readable."""
+    from dataclasses import replace
+
+    import probe_vision_cells as probe
+
+    from polymodal.checkpoint import save_checkpoint
+    from polymodal.data.world import COLORS, SHAPES, SIZES
+    from polymodal.encoders.convnet import ConvNetConfig
+    from polymodal.models.contrastive import ContrastiveModel, clip_tiny
+
+    torch.manual_seed(0)
+    clip = ContrastiveModel(replace(clip_tiny(), image_tower="cnn", cnn=ConvNetConfig(image_size=48, widths=[8, 8, 8, 8])))
+    save_checkpoint(clip, tmp_path / "clip")
+    tower, config = probe.load_tower(str(tmp_path / "clip"))
+    x, labels = probe.cell_tokens(tower, config, "train", 12)
+    assert x.shape[1] == 8 and 12 <= len(x) <= 36 and all(len(y) == len(x) for y in labels.values())
+    assert labels["shape"].max() < len(SHAPES) and labels["color"].max() < len(COLORS) and labels["size"].max() < len(SIZES)
+    tower, config = probe.load_tower("random")
+    x, labels = probe.cell_tokens(tower, config, "train", 60)
+    correct = probe.mlp_probe_correct(x[:80], labels["color"][:80], x[80:], labels["color"][80:], len(COLORS), steps=100)
+    assert correct.float().mean() > 0.3
+
+
 def test_feature_probe_reads_color_from_a_cell_token_model():
     """probe_mmllm_features: features of the object's cell; a raw-patch model's tokens carry color."""
     import probe_mmllm_features as probe

@@ -135,3 +135,26 @@ def test_wrong_shaped_text_tensor_is_named(saved, tmp_path):
     with pytest.raises(CheckpointMismatchError, match=rf"{name}: file \(64, 10\) vs expected \(64, {width}\)") as err:
         import_hf(tmp_path)
     assert "missing (1): logit_scale" in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_folder_image_tower_becomes_an_mmllm_vision_tower(kind, tmp_path):
+    """`vision_from` an HF CLIP / SigLIP folder: the MM-LLM's image features are that tower's
+    penultimate hidden states (patches only for CLIP, as LLaVA takes them), and its pixels get
+    that family's preprocessing."""
+    from polymodal.data.conversation import ImageProcessor
+    from polymodal.models.mmllm import mmllm_tiny
+    from polymodal.recipes.mmllm import MMLLMRecipeConfig, build_mmllm
+
+    hf = _hf_model(kind)
+    hf.save_pretrained(tmp_path)
+    model_config = mmllm_tiny()
+    model_config.drop_class_token = kind == "clip"
+    model, _ = build_mmllm(MMLLMRecipeConfig(vision_from=str(tmp_path), model=model_config))
+    pixels = _batch(kind)["pixel_values"]
+    with torch.no_grad():
+        hidden = hf.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        ours = model.vision.patch_features(pixels, model.config.vision_feature_layer, model.config.drop_class_token)
+    assert model.config.vision_feature_layer == -2
+    assert max_abs_diff(ours, hidden[:, 1:] if kind == "clip" else hidden) < TOL
+    assert model.config.image_preset == kind and ImageProcessor.for_model(model.config).preset == kind

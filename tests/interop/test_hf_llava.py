@@ -157,3 +157,13 @@ def test_export_refuses_non_llava_projectors(llava, tmp_path):
     linear = MultimodalLM(dataclasses.replace(ours.config, projector=ProjectorConfig(kind="linear")))
     with pytest.raises(ValueError, match="mlp_depth=2"):
         export_hf(linear, tmp_path / "out")
+
+
+def test_llava_tower_family_sets_the_pixel_preprocessing():
+    """A CLIP-tower LLaVA takes CLIP mean/std pixels, a SigLIP-tower one SigLIP's [-1, 1]."""
+    from polymodal.interop.hf_llava import llava_config_from_hf
+
+    base = {"text_config": {"model_type": "llama", **TEXT}, "vision_feature_select_strategy": "full"}
+    clip = llava_config_from_hf({**base, "vision_config": {"model_type": "clip_vision_model", **VISION}})
+    siglip = llava_config_from_hf({**base, "vision_config": {"model_type": "siglip_vision_model", **VISION}})
+    assert (clip.image_preset, siglip.image_preset) == ("clip", "siglip")

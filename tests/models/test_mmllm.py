@@ -142,3 +142,63 @@ def test_size_to_tokenizer_reads_vocabulary_eos_and_image_ids_and_names_a_missin
 
     with pytest.raises(ValueError, match="<image>"):
         size_to_tokenizer(mmllm_tiny(), NoPlaceholder())
+
+
+def _with_image_lora(model: MultimodalLM) -> MultimodalLM:
+    """`model` with image-position adapters on every LM linear layer, their updates made non-zero."""
+    from polymodal.nn.lora import LoRAConfig, lora_parameters
+
+    model.add_image_lora(LoRAConfig(rank=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                              "up_proj", "down_proj")))
+    with torch.no_grad():
+        for param in lora_parameters(model.lm):
+            param.normal_(0, 0.3)
+    return model.eval()
+
+
+def test_image_lora_changes_image_positions_and_what_follows_them_only(tmp_path):
+    """Partial LoRA: text before any image and text-only inputs get exactly the base model's
+    logits; from the image on they differ; packing, KV-cache decoding and checkpoints hold."""
+    import copy
+
+    import polymodal
+    from polymodal.checkpoint import save_checkpoint
+    from polymodal.interop.hf_llava import hf_config_from_llava
+
+    torch.manual_seed(0)
+    base = MultimodalLM(mmllm_tiny()).eval()
+    model = _with_image_lora(copy.deepcopy(base))
+    assert model.config.image_lora.rank == 4 and not base.config.image_lora.rank
+    doc = _doc(model, "t i t", 5)
+    ids = torch.cat([s.tokens for s in doc.segments])[None]  # (1, T)
+    pixels = doc.segments[1].data[None]
+    first_image = len(doc.segments[0].tokens)
+    with torch.no_grad():
+        tuned, plain = model(ids, pixels).logits, base(ids, pixels).logits
+        text = ids[:, :first_image]
+        assert torch.equal(model(text).logits, base(text).logits)
+    assert torch.equal(tuned[:, :first_image], plain[:, :first_image])
+    assert not torch.allclose(tuned[:, first_image:], plain[:, first_image:], atol=1e-3)
+    _check_packed_equals_single(model)
+
+    # Greedy decoding with the KV cache (the prompt's image positions passed as image_mask)
+    # equals recomputing the whole sequence at every step.
+    prompt = ids[0].tolist()
+    generated = model.generate([prompt], pixels, max_new_tokens=4, eos_token_id=-1)[0]
+    sequence = list(prompt)
+    with torch.no_grad():
+        for _ in range(4):
+            logits = model(torch.tensor([sequence]), pixels).logits[0, -1]
+            logits[model.config.image_token_id] = float("-inf")
+            sequence.append(int(logits.argmax()))
+    assert generated == sequence[len(prompt):]
+
+    save_checkpoint(model, tmp_path / "ckpt")
+    loaded, _ = polymodal.load(tmp_path / "ckpt")
+    assert loaded.config.image_lora.rank == 4
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, pixels).logits, tuned)
+    with pytest.raises(ValueError, match="image_lora"):
+        hf_config_from_llava(model.config)
+    with pytest.raises(ValueError, match="image_mask"):
+        model(inputs_embeds=model.embed(ids, pixels))

@@ -39,3 +39,26 @@ def test_locked_efficientnet_recipe_keeps_the_imagenet_weights(tmp_path):
     assert model.config.freeze_image and model.config.image_tower_options == {"image_size": 32}
     assert torch.equal(model.vision_model.blocks[3].depthwise.conv.weight, tensors["_blocks.3._depthwise_conv.weight"])
     assert torch.equal(model.vision_model.head.norm.running_mean, tensors["_bn1.running_mean"])
+
+
+def test_world_pairs_with_several_objects_and_any_caption_style():
+    """`num_objects` and the grounded / located styles: every caption names each of its scene's
+    objects, and batch i is the same on every call (runs resume exactly)."""
+    import pytest
+
+    from polymodal.data.world import world_tokenizer
+    from polymodal.recipes.clip import ClipDataConfig, WorldPairs
+
+    tokenizer = world_tokenizer()
+    pairs = WorldPairs(tokenizer, 16, 48, 64, styles=("grounded", "located"), num_objects=(2, 3))
+    batch = pairs(3)
+    assert batch["pixel_values"].shape == (16, 3, 48, 48)
+    scenes = list(pairs.world.scenes(16, start=3 * 16))
+    assert all(len(s.objects) >= 2 for s in scenes)
+    for scene, ids, mask in zip(scenes, batch["input_ids"], batch["attention_mask"]):
+        text = tokenizer.decode(ids[mask.bool()].tolist()[:-1])  # the eos is last
+        assert all(f"{o.color} {o.shape}" in text for o in scene.objects), text
+    assert torch.equal(pairs(3)["input_ids"], batch["input_ids"])
+    with pytest.raises(ValueError, match="caption_styles"):
+        WorldPairs(tokenizer, 16, 48, 64, styles=("poem",))
+    assert ClipDataConfig(num_objects=(1, 3)).num_objects == (1, 3)

@@ -10,6 +10,8 @@ from polymodal.cli import main
 from polymodal.data.conversation import ImageProcessor
 from polymodal.data.world import World
 from polymodal.eval.mmllm import answer_questions
+from polymodal.models.mmllm import MMLLMConfig
+from polymodal.nn.lora import LoRAConfig
 from polymodal.recipes.mmllm import MMLLMDataConfig, MMLLMRecipeConfig
 from polymodal.recipes.seen_tokens import SEEN_TOKENS_FILE, SeenTokens
 
@@ -62,6 +64,9 @@ def test_recipe_config_errors():
         MMLLMDataConfig(describe=-0.1)
     with pytest.raises(ValueError, match="question_weights"):
         MMLLMDataConfig(question_weights={"existence": 0})
+    with pytest.raises(ValueError, match="text_replay does nothing with lora.image_tokens_only"):
+        MMLLMRecipeConfig(stage="instruct", lora=LoRAConfig(rank=4, image_tokens_only=True),
+                          data=MMLLMDataConfig(text_replay=0.2))
 
 
 def test_align_captions_follow_caption_styles():
@@ -175,3 +180,65 @@ def test_seen_token_record_resumes_with_the_run(tmp_path):
     assert torch.equal(SeenTokens.load(tmp_path / "resumed" / SEEN_TOKENS_FILE).seen, first)
     assert torch.equal(run(tmp_path / "resumed", 6, "train.resume=true"), straight)
     assert not torch.equal(first, straight)  # the later steps did add ids
+
+
+def test_vision_from_a_clip_checkpoint_takes_its_trained_tower_frozen(tmp_path):
+    """`vision_from` a polymodal `clip` checkpoint (CNN tower): the MM-LLM's image tokens are that
+    tower's feature map, it stays frozen through an align stage, and its [-1, 1] pixels ("siglip")
+    are what the saved model's evaluation and chat preprocessing use."""
+    from dataclasses import replace
+
+    from polymodal.checkpoint import save_checkpoint
+    from polymodal.encoders.convnet import ConvNetConfig
+    from polymodal.models.contrastive import ContrastiveModel, clip_tiny
+    from polymodal.models.mmllm import mmllm_tiny
+    from polymodal.recipes.mmllm import train_mmllm
+    from polymodal.train.loop import TrainConfig
+
+    torch.manual_seed(0)
+    clip = ContrastiveModel(replace(clip_tiny(), image_tower="cnn",
+                                    cnn=ConvNetConfig(image_size=32, widths=[8, 16, 16], pool="flatten")))
+    save_checkpoint(clip, tmp_path / "clip")
+    model_config = replace(mmllm_tiny(), vision_feature_layer=-1)
+    config = MMLLMRecipeConfig(vision_from=str(tmp_path / "clip"), model=model_config,
+                               data=MMLLMDataConfig(num_scenes=16, docs_per_batch=4, max_tokens=256),
+                               train=TrainConfig(steps=3, lr=1e-3, out_dir=str(tmp_path / "align")))
+    model, _, _, final = train_mmllm(config)
+    assert model.config.vision_tower == "cnn" and model.image_tokens == 16  # 32 px / 2^3: a 4 x 4 map
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(model.vision(pixels).last_hidden_state, clip.vision_model(pixels).last_hidden_state)
+    loaded, _ = polymodal.load(final)
+    assert loaded.config.image_preset == "siglip" and ImageProcessor.for_model(loaded.config).preset == "siglip"
+
+
+def test_vision_from_must_hold_a_contrastive_image_tower(tmp_path):
+    from polymodal.checkpoint import save_checkpoint
+    from polymodal.models.mmllm import MultimodalLM, mmllm_tiny
+    from polymodal.recipes.mmllm import build_mmllm
+
+    save_checkpoint(MultimodalLM(mmllm_tiny()), tmp_path / "mmllm")
+    with pytest.raises(ValueError, match=r"vision_from .*mmllm.* holds a 'mmllm' model, not a contrastive"):
+        build_mmllm(MMLLMRecipeConfig(vision_from=str(tmp_path / "mmllm")))
+    with pytest.raises(ValueError, match="image_preset"):
+        MMLLMConfig(image_preset="imagenet")
+
+
+def test_image_position_lora_keeps_every_text_answer_and_stays_in_the_checkpoint(tmp_path, capsys):
+    """lora.image_tokens_only: the adapters train (at a high learning rate) yet every text-only
+    answer is the base model's; the final checkpoint keeps them unmerged and loads."""
+    from polymodal.nn.lora import lora_parameters
+
+    align, instruct = tmp_path / "align", tmp_path / "instruct"
+    assert main(["train", str(CONFIGS / "tiny_align.yaml"), f"train.out_dir={align}", "train.steps=2"]) == 0
+    assert main(["train", str(CONFIGS / "tiny_instruct.yaml"), f"train.out_dir={instruct}", f"init_from={align / 'final'}",
+                 "text_retention=true", "train.steps=4", "lora.image_tokens_only=true"]) == 0
+    assert "at image positions only" in capsys.readouterr().out
+    report = json.loads((instruct / "retention.json").read_text())
+    assert report["unchanged"] == report["total"] == 8
+    model, _ = polymodal.load(instruct / "final")
+    assert model.config.image_lora.rank == 4 and model.config.image_lora.image_tokens_only
+    assert any(p.abs().sum() > 0 for p in lora_parameters(model.lm)[1::2])  # the B matrices moved off zero
+    assert main(["train", str(CONFIGS / "tiny_instruct.yaml"), f"train.out_dir={tmp_path / 'again'}",
+                 f"init_from={instruct / 'final'}", "train.steps=1"]) != 0  # plain LoRA on top: refused, named
+    assert "image_tokens_only" in capsys.readouterr().err

@@ -31,14 +31,14 @@ ATTRIBUTES = {"shape": list(SHAPES), "color": list(COLORS), "size": list(SIZES)}
 def load_tower(source: str) -> tuple[nn.Module, MMLLMConfig]:
     """(vision tower, an MMLLMConfig describing it) for "random", a clip checkpoint or an mmllm checkpoint."""
     from polymodal.api import load
-    from polymodal.models.mmllm import MultimodalLM
+    from polymodal.encoders.vit import VisionTransformer
     from polymodal.quickstart import quickstart_model
     from polymodal.recipes.mmllm import vision_tower_from
 
     if source == "random":
-        torch.manual_seed(0)
+        torch.manual_seed(0)  # the tower is an MM-LLM's first module, so this is its seed-0 tower
         config = quickstart_model()
-        return MultimodalLM(config).vision.eval(), config
+        return VisionTransformer(config.vision).eval(), config
     model, _ = load(source)
     if getattr(model, "family", None) == "mmllm":
         return model.vision.eval(), model.config

@@ -5,7 +5,10 @@ one token per 3x3 cell) is the feature of that object; a linear probe and an MLP
 hidden layer of 256) trained on train scenes are scored on val scenes for the object's shape,
 color and size, shape also per size. This compares vision towers for an MM-LLM cheaply:
 
-- "random": the quickstart's tower, a patch projection frozen at its random initialisation;
+- "quickstart": the quickstart's tower at its (seed-0) random initialisation, one convolution
+  pooled per grid cell (`polymodal.encoders.gridpool`);
+- "patch": the quickstart's earlier tower, a ViT patch projection (one 32 px patch per cell, no
+  transformer layers) frozen at its random initialisation;
 - a `clip`-recipe checkpoint, e.g. the CoCa tower of configs/clip/world_grid.yaml (as an
   MM-LLM's `vision_from` would take it);
 - an mmllm checkpoint (its own vision tower).
@@ -29,16 +32,20 @@ ATTRIBUTES = {"shape": list(SHAPES), "color": list(COLORS), "size": list(SIZES)}
 
 
 def load_tower(source: str) -> tuple[nn.Module, MMLLMConfig]:
-    """(vision tower, an MMLLMConfig describing it) for "random", a clip checkpoint or an mmllm checkpoint."""
+    """(vision tower, an MMLLMConfig describing it) for "quickstart", "patch", a clip checkpoint or an mmllm checkpoint."""
     from polymodal.api import load
-    from polymodal.encoders.vit import VisionTransformer
-    from polymodal.quickstart import quickstart_model
+    from polymodal.encoders.vit import ViTConfig
+    from polymodal.models.mmllm import build_vision_tower
+    from polymodal.quickstart import IMAGE_SIZE, quickstart_model
     from polymodal.recipes.mmllm import vision_tower_from
 
-    if source == "random":
-        torch.manual_seed(0)  # the tower is an MM-LLM's first module, so this is its seed-0 tower
+    if source in ("quickstart", "patch"):
         config = quickstart_model()
-        return VisionTransformer(config.vision).eval(), config
+        if source == "patch":
+            config = MMLLMConfig(vision=ViTConfig(image_size=IMAGE_SIZE, patch_size=IMAGE_SIZE // 3, hidden_size=192,
+                                                  num_layers=0), lm=config.lm, vision_feature_layer=-1)
+        torch.manual_seed(0)  # the tower is an MM-LLM's first module, so this is its seed-0 tower
+        return build_vision_tower(config).eval(), config
     model, _ = load(source)
     if getattr(model, "family", None) == "mmllm":
         return model.vision.eval(), model.config
@@ -81,7 +88,7 @@ def mlp_probe_correct(x_train, y_train, x_val, y_val, classes: int, steps: int =
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("tower", help='"random", a clip-recipe checkpoint or an mmllm checkpoint')
+    parser.add_argument("tower", help='"quickstart", "patch", a clip-recipe checkpoint or an mmllm checkpoint')
     parser.add_argument("--train", type=int, default=3000, help="train scenes")
     parser.add_argument("--val", type=int, default=600, help="val scenes")
     args = parser.parse_args()

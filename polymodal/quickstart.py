@@ -1,6 +1,6 @@
 """`polymodal quickstart`: train a small multimodal LM from scratch on the CPU, in minutes.
 
-It generates shapes-world scenes and trains a LLaVA-layout model (patch encoder -> MLP projector ->
+It generates shapes-world scenes and trains a LLaVA-layout model (conv encoder -> MLP projector ->
 decoder LM, all from scratch, world tokenizer) in two stages: "align" on image captions, then
 "instruct" on visual chats of one question each with the loss on the answers only, every step
 packing whole chats padding-free. It then answers every question of held-out scenes (val) and
@@ -10,7 +10,7 @@ checkpoint that `polymodal chat` and `polymodal eval` load.
 
 Nothing is pretrained here, so stage 1 trains the LM along with the projector (in the
 `configs/mmllm/smollm2_*` recipes, with a pretrained LM, it trains the projector only, as LLaVA
-does); the vision tower, a fixed random patch projection, stays frozen in both stages.
+does); the vision tower, one random convolution pooled per grid cell, stays frozen in both stages.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from polymodal.backbones.decoder import DecoderConfig
-from polymodal.encoders.vit import ViTConfig
+from polymodal.encoders.gridpool import GridPoolConfig
 from polymodal.eval.mmllm import answer_questions
 from polymodal.models.mmllm import MMLLMConfig
 from polymodal.projectors import ProjectorConfig
@@ -39,7 +39,7 @@ IMAGE_SIZE = 96
 # The question types that compare the question's words with the image, rather than read one cell.
 COMPARISON_QTYPES = ("existence", "count", "position", "relation")
 ALIGN_SHARE = 0.35  # of the training budget: ~2,200 align steps here (a run at 0.3, ~1,700, stayed on the comparison plateau)
-EVAL_SHARE = 0.08  # of the total budget, kept for evaluation and the demo outputs (~10 s) and step-time estimates ~7% short
+EVAL_SHARE = 0.05  # of the total budget, kept for evaluation and the demo outputs (~15 s) and step-time estimates that run short
 # Table columns: (world split, objects per scene). "single" holds the val scenes' one-object
 # counterparts, where the color and shape targets are read; compositional scenes use the 6
 # color+shape pairs never seen in training.
@@ -47,28 +47,27 @@ EVAL_COLUMNS = {"val": ("val", (1, 3)), "single": ("val", (1, 1)), "compositiona
 
 
 def quickstart_model() -> MMLLMConfig:
-    """The quickstart's model: a 96 px patch encoder + a 2-layer MLP projector + a 3-layer LM (~1.3M parameters).
+    """The quickstart's model: a 96 px grid-pooled conv tower + a 2-layer MLP projector + a 3-layer LM (~0.7M parameters).
 
-    The patches are the world's 3 x 3 grid cells (32 px each), so an image costs only 9 LM
-    tokens and "the object in the top left" is one token: the model learns to look up a cell
-    instead of assembling objects from patch fragments, which is what makes minutes enough.
-    The vision tower is a ViT with no transformer layers (patch embedding + positions + norm, as
-    Fuyu feeds raw patches to its LM), and it stays frozen at its random initialisation (see
-    `stage_config`): the projector's MLP learns the visual features from that fixed projection.
+    The tower (`polymodal.encoders.gridpool`) pools one convolution's rectified responses over
+    each of the world's 3 x 3 grid cells, so an image costs only 9 LM tokens and "the object in
+    the top left" is one token: the model learns to look up a cell instead of assembling objects
+    from fragments, which is what makes minutes enough. It stays frozen at its random
+    initialisation (see `stage_config`); its per-cell max makes an object's outline readable
+    wherever in the cell the object sits, and the projector's MLP maps that into the LM.
     Measured on this task: from-scratch ViT layers collapsed every patch onto one huge shared
-    vector (norms of 500-12,000 against ~14 here), and even a trained patch projection alone was
-    pulled towards color by the LM's gradients until shape was unreadable (caption shape words
-    15% right after 1,000 steps, against 85-90% with the projection frozen).
+    vector, a trained patch projection was pulled towards color by the LM's gradients until shape
+    was unreadable, and a frozen random patch projection (the previous tower) tied shape to the
+    object's offset in its cell, so one-object shape stayed at 81-88% (benchmarks/RESULTS.md).
     Chat text dominates the sequence (about 20 template and question tokens per one-word
     answer), so the LM's cost per token sets the pace: it is kept narrow.
     """
-    vision = ViTConfig(image_size=IMAGE_SIZE, patch_size=IMAGE_SIZE // 3, hidden_size=192, num_layers=0,
-                       num_heads=4, intermediate_size=768, act="gelu")
+    tower = GridPoolConfig(image_size=IMAGE_SIZE, filters=64, kernel_size=5, stride=2, grid=3)
     lm = DecoderConfig(hidden_size=128, intermediate_size=384, num_layers=3, num_heads=4, num_kv_heads=2,
                        max_position_embeddings=512, tie_word_embeddings=True)
-    # One LM token per cell, each passed through its own nonlinear map (shape needs one).
+    # One LM token per cell, each passed through its own nonlinear map.
     projector = ProjectorConfig(kind="mlp")
-    return MMLLMConfig(vision=vision, lm=lm, projector=projector, vision_feature_layer=-1)
+    return MMLLMConfig(vision_tower="gridpool", gridpool=tower, lm=lm, projector=projector, vision_feature_layer=-1)
 
 
 def stage_config(stage: str, out: Path, seed: int, steps: int = 1, init_from: str | None = None) -> MMLLMRecipeConfig:
@@ -113,19 +112,20 @@ def _clear_previous_run(out: Path, overwrite: bool) -> None:
 
 
 def _seconds_per_step(config: MMLLMRecipeConfig, model, tokenizer) -> float:
-    """Seconds of one training step on real batches of the stage: the median of five timed steps
-    after a warm-up (batches of one-question chats vary in length, so fewer steps mislead)."""
+    """Seconds of one training step on real batches of the stage: the median of eight timed steps
+    after three warm-ups (batches of one-question chats vary in length, so fewer steps mislead;
+    measured with one warm-up, the instruct stage's estimate ran 13% long, 0.14 s against 0.124 s)."""
     set_trainable(model, config.trainable, config.lora)
     batches = make_batches(config, model, tokenizer)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
     times = []
-    for _ in range(6):
+    for _ in range(3 + 8):
         start = time.perf_counter()
         model(packed=next(batches), loss_only=True).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    return statistics.median(times[3:])
 
 
 def quickstart(minutes: float = 9.5, out: str | Path = "runs/quickstart", seed: int = 0, eval_scenes: int = 100,

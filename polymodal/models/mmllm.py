@@ -16,6 +16,7 @@ import torch.nn as nn
 from polymodal.backbones.decoder import DecoderConfig, DecoderLM, LMOutput
 from polymodal.data.conversation import IMAGE_MARKER
 from polymodal.encoders.convnet import ConvNet, ConvNetConfig
+from polymodal.encoders.gridpool import GridPoolConfig, GridPoolConvNet
 from polymodal.encoders.vit import ViTConfig, VisionTransformer
 from polymodal.models.registry import Family, register
 from polymodal.nn.lora import LoRAConfig, apply_lora, lora_parameters, token_gated_lora
@@ -23,7 +24,7 @@ from polymodal.projectors import ProjectorConfig, build_projector
 from polymodal.sequence import PackedBatch
 
 
-VISION_TOWERS = ("vit", "cnn")
+VISION_TOWERS = ("vit", "cnn", "gridpool")
 
 
 @dataclass
@@ -31,9 +32,11 @@ class MMLLMConfig:
     """vision / lm / projector sub-configs; which ViT layer feeds the projector and whether its
     class token is dropped (LLaVA: layer -2, patches only); the `<image>` placeholder token id.
 
-    vision_tower: "vit" (`vision`, the ViT / CLIP / SigLIP layout) or "cnn" (`cnn`, the
-    contrastive family's convolutional tower, whose final feature map is the token grid; it has
-    no layers to select, so `vision_feature_layer` must then be -1).
+    vision_tower: "vit" (`vision`, the ViT / CLIP / SigLIP layout), "cnn" (`cnn`, the
+    contrastive family's convolutional tower, whose final feature map is the token grid) or
+    "gridpool" (`gridpool`, one convolution pooled into a token per grid cell; the quickstart's
+    fixed-feature tower). The convolutional towers have no layers to select, so
+    `vision_feature_layer` must then be -1.
     image_preset: the pixel preprocessing the vision tower expects (`polymodal.data.image`
     presets: "clip" mean/std, "siglip" = [-1, 1], "llava" = clip on a padded square); training,
     evaluation and chat all read it from here, so they cannot disagree.
@@ -50,6 +53,7 @@ class MMLLMConfig:
     image_token_id: int = 0
     vision_tower: str = "vit"
     cnn: ConvNetConfig = field(default_factory=ConvNetConfig)
+    gridpool: GridPoolConfig = field(default_factory=GridPoolConfig)
     image_preset: str = "clip"
     image_lora: LoRAConfig = field(default_factory=LoRAConfig)
 
@@ -60,8 +64,8 @@ class MMLLMConfig:
             raise ValueError(f"MMLLMConfig.image_preset must be one of {PRESETS}, got {self.image_preset!r}")
         if self.vision_tower not in VISION_TOWERS:
             raise ValueError(f"MMLLMConfig.vision_tower must be one of {VISION_TOWERS}, got {self.vision_tower!r}")
-        if self.vision_tower == "cnn" and self.vision_feature_layer != -1:
-            raise ValueError("MMLLMConfig: the cnn vision tower only has its final feature map; "
+        if self.vision_tower != "vit" and self.vision_feature_layer != -1:
+            raise ValueError(f"MMLLMConfig: the {self.vision_tower} vision tower only has its final feature map; "
                              f"set vision_feature_layer to -1 (got {self.vision_feature_layer})")
         states = self.vision.num_layers + 1  # the embeddings, then each layer's output
         if self.vision_tower == "vit" and not -states <= self.vision_feature_layer < states:
@@ -69,22 +73,25 @@ class MMLLMConfig:
                              f"{self.vision.num_layers}-layer ViT (valid: {-states} .. {states - 1})")
 
     @property
+    def tower(self) -> ViTConfig | ConvNetConfig | GridPoolConfig:
+        """The config of the selected vision tower."""
+        return {"vit": self.vision, "cnn": self.cnn, "gridpool": self.gridpool}[self.vision_tower]
+
+    @property
     def image_size(self) -> int:
         """Native input resolution of the vision tower."""
-        return self.cnn.image_size if self.vision_tower == "cnn" else self.vision.image_size
+        return self.tower.image_size
 
     @property
     def vision_width(self) -> int:
         """Width of the vision tower's output tokens (the projector's input)."""
-        return self.cnn.hidden_size if self.vision_tower == "cnn" else self.vision.hidden_size
+        return self.tower.hidden_size
 
     @property
     def vision_patches(self) -> int:
         """Tokens the vision tower hands the projector per image at its native resolution."""
-        if self.vision_tower == "cnn":
-            return self.cnn.grid ** 2
-        c = self.vision
-        return c.grid ** 2 + (0 if self.drop_class_token or not c.class_token else 1)
+        extra = self.vision_tower == "vit" and self.vision.class_token and not self.drop_class_token
+        return self.tower.grid ** 2 + int(extra)
 
 
 class MultimodalLM(nn.Module):
@@ -95,7 +102,7 @@ class MultimodalLM(nn.Module):
     def __init__(self, config: MMLLMConfig):
         super().__init__()
         self.config = config
-        self.vision = ConvNet(config.cnn) if config.vision_tower == "cnn" else VisionTransformer(config.vision)
+        self.vision = build_vision_tower(config)
         self.lm = DecoderLM(config.lm)
         self.projector = build_projector(config.projector, config.vision_width, config.lm.hidden_size)
         lora = config.image_lora
@@ -211,10 +218,16 @@ class MultimodalLM(nn.Module):
         return (placeholder,) if 0 <= placeholder < self.config.lm.vocab_size else ()
 
 
+def build_vision_tower(config: MMLLMConfig) -> nn.Module:
+    """The vision tower `config.vision_tower` selects, freshly initialised."""
+    tower_class = {"vit": VisionTransformer, "cnn": ConvNet, "gridpool": GridPoolConvNet}[config.vision_tower]
+    return tower_class(config.tower)
+
+
 def tower_features(tower: nn.Module, config: MMLLMConfig, pixel_values: torch.Tensor) -> torch.Tensor:
     """The tokens a vision tower hands the projector, as `config` selects them: pixel_values
     (N, C, H, W) -> (N, config.vision_patches, config.vision_width)."""
-    if config.vision_tower == "cnn":
+    if config.vision_tower != "vit":
         # The ViT casts pixels in its patch embedding; the convolutions need it done here.
         return tower(pixel_values.to(next(tower.parameters()).dtype)).last_hidden_state
     return tower.patch_features(pixel_values, config.vision_feature_layer, drop_class_token=config.drop_class_token)

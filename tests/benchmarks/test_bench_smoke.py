@@ -93,7 +93,8 @@ def test_format_table_and_json(tmp_path, monkeypatch):
 
 def test_vision_cell_probe_reads_each_object_of_a_clip_tower(tmp_path):
     """probe_vision_cells: one feature per object (1-3 a scene) from its cell's token of a clip
-    checkpoint's tower, every attribute labelled; the random patch projection keeps color readable."""
+    checkpoint's tower, every attribute labelled; the quickstart's untrained towers (grid-pooled
+    conv and the earlier patch projection) keep shape and color readable."""
     from dataclasses import replace
 
     import probe_vision_cells as probe
@@ -110,14 +111,16 @@ def test_vision_cell_probe_reads_each_object_of_a_clip_tower(tmp_path):
     x, labels = probe.cell_tokens(tower, config, "train", 12)
     assert x.shape[1] == 8 and 12 <= len(x) <= 36 and all(len(y) == len(x) for y in labels.values())
     assert labels["shape"].max() < len(SHAPES) and labels["color"].max() < len(COLORS) and labels["size"].max() < len(SIZES)
-    tower, config = probe.load_tower("random")
-    x, labels = probe.cell_tokens(tower, config, "train", 60)
-    correct = probe.mlp_probe_correct(x[:80], labels["color"][:80], x[80:], labels["color"][80:], len(COLORS), steps=100)
-    assert correct.float().mean() > 0.3
+    for source, attribute, classes in (("quickstart", "shape", SHAPES), ("patch", "color", COLORS)):
+        tower, config = probe.load_tower(source)
+        x, labels = probe.cell_tokens(tower, config, "train", 60)
+        y = labels[attribute]
+        correct = probe.mlp_probe_correct(x[:80], y[:80], x[80:], y[80:], len(classes), steps=100)
+        assert correct.float().mean() > 0.3, (source, attribute)
 
 
 def test_feature_probe_reads_color_from_a_cell_token_model():
-    """probe_mmllm_features: features of the object's cell; a raw-patch model's tokens carry color."""
+    """probe_mmllm_features: features of the object's cell; an untrained quickstart model's tokens carry color."""
     import probe_mmllm_features as probe
 
     from polymodal.data.conversation import ImageProcessor
@@ -131,7 +134,7 @@ def test_feature_probe_reads_color_from_a_cell_token_model():
     processor = ImageProcessor.for_model(config)
     x, colors, shapes = probe.cell_features(model, processor, "train", 40)
     assert x.shape == (40, config.lm.hidden_size) and colors.max() < 8 and shapes.max() < 6
-    # Untrained, the patch embedding is a random linear map of the pixels: color is still readable.
+    # Untrained, the tower's random filters and the projector are fixed maps of the pixels: color is still readable.
     assert probe.probe_accuracy(x[:30], colors[:30], x[30:], colors[30:], 8) > 0.3
 
 

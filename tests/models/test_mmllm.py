@@ -83,6 +83,30 @@ def test_cnn_vision_tower_gives_one_token_per_feature_map_cell():
         hf_config_from_llava(config)
 
 
+def test_gridpool_vision_tower_gives_one_token_per_grid_cell_and_stays_frozen_in_training():
+    """vision_tower="gridpool" (the quickstart's tower): grid^2 tokens of 2 x filters features."""
+    from polymodal.encoders.gridpool import GridPoolConfig
+    from polymodal.interop.hf_llava import hf_config_from_llava
+    from polymodal.nn.lora import LoRAConfig
+    from polymodal.recipes.mmllm import set_trainable
+
+    torch.manual_seed(0)
+    config = mmllm_tiny()
+    config.vision_tower, config.vision_feature_layer = "gridpool", -1
+    config.gridpool = GridPoolConfig(image_size=32, filters=8, kernel_size=3, stride=2, grid=2)
+    model = MultimodalLM(config)
+    assert (model.image_tokens, config.vision_width) == (4, 16)
+    _check_packed_equals_single(model)
+    model.train()
+    set_trainable(model, ["projector", "lm"], LoRAConfig())
+    model(packed=pack_documents([_doc(model, "t i t", 7)], 64)).loss.backward()
+    assert model.vision.conv.weight.grad is None and next(model.projector.parameters()).grad is not None
+    with pytest.raises(ValueError, match="the gridpool vision tower only has its final feature map"):
+        type(config)(vision_tower="gridpool", vision_feature_layer=-2)
+    with pytest.raises(ValueError, match="LLaVA export needs a ViT"):
+        hf_config_from_llava(config)
+
+
 def test_cnn_position_embedding_tells_cells_of_a_uniform_image_apart():
     from polymodal.encoders.convnet import ConvNet, ConvNetConfig
 

@@ -24,7 +24,9 @@ from polymodal.projectors import ProjectorConfig, build_projector
 from polymodal.sequence import PackedBatch
 
 
-VISION_TOWERS = ("vit", "cnn", "gridpool")
+# vision_tower name -> the tower's class; its config is the MMLLMConfig field of the same name ("vit": `vision`).
+TOWER_CLASSES = {"vit": VisionTransformer, "cnn": ConvNet, "gridpool": GridPoolConvNet}
+VISION_TOWERS = tuple(TOWER_CLASSES)
 
 
 @dataclass
@@ -75,7 +77,7 @@ class MMLLMConfig:
     @property
     def tower(self) -> ViTConfig | ConvNetConfig | GridPoolConfig:
         """The config of the selected vision tower."""
-        return {"vit": self.vision, "cnn": self.cnn, "gridpool": self.gridpool}[self.vision_tower]
+        return getattr(self, "vision" if self.vision_tower == "vit" else self.vision_tower)
 
     @property
     def image_size(self) -> int:
@@ -220,8 +222,7 @@ class MultimodalLM(nn.Module):
 
 def build_vision_tower(config: MMLLMConfig) -> nn.Module:
     """The vision tower `config.vision_tower` selects, freshly initialised."""
-    tower_class = {"vit": VisionTransformer, "cnn": ConvNet, "gridpool": GridPoolConvNet}[config.vision_tower]
-    return tower_class(config.tower)
+    return TOWER_CLASSES[config.vision_tower](config.tower)
 
 
 def tower_features(tower: nn.Module, config: MMLLMConfig, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch.nn as nn
 from polymodal.atomic import write_text_atomic
 from polymodal.config import config_to_yaml, load_config
 from polymodal.data.conversation import IMAGE_MARKER, ImageProcessor, conversation_document
-from polymodal.models.mmllm import VISION_TOWERS, MMLLMConfig, MultimodalLM, size_to_tokenizer
+from polymodal.models.mmllm import MMLLMConfig, MultimodalLM, size_to_tokenizer
 from polymodal.nn.lora import LoRAConfig, apply_lora, merge_lora
 from polymodal.recipes.seen_tokens import SEEN_TOKENS_FILE, SeenTokens, recorded_in, reinit_unseen_tokens
 from polymodal.sequence import Document, pack_documents
@@ -224,9 +224,10 @@ def vision_tower_from(source: str) -> tuple[dict, nn.Module]:
         raise ValueError(f"mmllm recipe: vision_from {source} holds a {family!r} model, not a contrastive "
                          "(clip family) one whose image tower could be taken")
     c = contrastive.config
-    if c.image_tower not in VISION_TOWERS:
+    shared = ("vit", "cnn")  # the image towers both families build
+    if c.image_tower not in shared:
         raise ValueError(f"mmllm recipe: vision_from {source} has a {c.image_tower!r} image tower; "
-                         f"an MM-LLM's vision tower must be one of {VISION_TOWERS}")
+                         f"an MM-LLM can take one of {shared}")
     trained_here = detect_format(source) == "polymodal"
     fields = {"vision_tower": c.image_tower, "image_preset": "siglip" if trained_here or c.loss == "siglip" else "clip"}
     fields["vision" if c.image_tower == "vit" else "cnn"] = c.vision if c.image_tower == "vit" else c.cnn

@@ -6,7 +6,8 @@ color+shape pairs), the model sees the rendered image and
   "<image>\\n{question}" like the training conversations; the first line of the reply is scored
   by exact match after `polymodal.eval.vqa.normalize_answer`, per question type;
 - describes the image ("<image>\\nDescribe the image."); the reply is scored against all the
-  scene's captions (short and detailed templates) with corpus BLEU-4 and CIDEr-D.
+  scene's captions (every template of every style in `CAPTION_STYLES`: a model may have been
+  taught to describe in any of them) with corpus BLEU-4 and CIDEr-D.
 Generation is greedy and batched; each prompt carries its own copy of the scene image.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from functools import lru_cache
 import torch
 
 from polymodal.data.conversation import IMAGE_MARKER, ImageProcessor
+from polymodal.data.world.text import CAPTION_STYLES, captions_of
 from polymodal.eval.captioning import caption_scores
 from polymodal.eval.vqa import vqa_accuracy
 from polymodal.infer.chat import encode_chat, generate_replies
@@ -96,7 +98,8 @@ def evaluate_world(model, tokenizer, split: str = "test", num_scenes: int = 100,
                             bar=bar)
     predictions = [first_line(reply) for reply in replies]
     metrics = {f"vqa_{k}": v for k, v in vqa_accuracy(predictions, answers, qtypes).items()}
-    metrics.update(caption_scores([c.strip() for c in captions], [scene.captions() for scene in scenes]))
+    references = [captions_of(scene, CAPTION_STYLES) for scene in scenes]
+    metrics.update(caption_scores([c.strip() for c in captions], references))
     return metrics
 
 

@@ -47,7 +47,8 @@ class MMLLMDataConfig:
 
     num_scenes: train scenes cycled through; num_objects / background: the world's options;
     turns: user turns per chat (instruct); describe (instruct): share of the chats whose first
-    turn asks for a description (the other turns are questions); question_weights (instruct):
+    turn asks for a description (the other turns are questions); describe_styles (instruct): the
+    caption styles those descriptions are drawn from; question_weights (instruct):
     {qtype: n} asks that question type n times as often (1 for the others); docs_per_batch: chats packed per step;
     max_tokens: packed row length (images are preprocessed as the model's `image_preset` says);
     caption_styles (align): the world caption styles whose templates the captions are drawn from
@@ -62,6 +63,7 @@ class MMLLMDataConfig:
     background: str = "plain"
     turns: int = 6
     describe: float = 0.5
+    describe_styles: list[str] = field(default_factory=lambda: ["detailed"])
     question_weights: dict[str, int] = field(default_factory=dict)
     docs_per_batch: int = 32
     max_tokens: int = 512
@@ -77,10 +79,10 @@ class MMLLMDataConfig:
         if not 0.0 <= self.text_replay < 1.0:
             raise ValueError(f"MMLLMDataConfig.text_replay must be in [0, 1), got {self.text_replay!r}")
 
-        unknown = [style for style in self.caption_styles if style not in CAPTION_STYLES]
-        if unknown or not self.caption_styles:
-            raise ValueError(f"MMLLMDataConfig.caption_styles must be a non-empty list from {CAPTION_STYLES}, "
-                             f"got {self.caption_styles!r}")
+        for name in ("caption_styles", "describe_styles"):
+            styles = getattr(self, name)
+            if not styles or any(style not in CAPTION_STYLES for style in styles):
+                raise ValueError(f"MMLLMDataConfig.{name} must be a non-empty list from {CAPTION_STYLES}, got {styles!r}")
 
 
 @dataclass
@@ -254,10 +256,11 @@ def set_trainable(model: MultimodalLM, parts: Sequence[str], lora: LoRAConfig) -
 
 def world_documents(stage: str, tokenizer, processor: ImageProcessor, world, image_token_id: int,
                     image_tokens: int, turns: int, caption_styles: Sequence[str], describe: float = 0.5,
-                    question_weights: dict[str, int] | None = None):
+                    question_weights: dict[str, int] | None = None, describe_styles: Sequence[str] = ("detailed",)):
     """A function index -> Document over `world`'s scenes: caption chats (align, one template of
     `caption_styles` per scene) or QA chats (instruct: `turns` user turns, the first a description
-    request in a `describe` share of them, question types drawn by `question_weights`)."""
+    request in a `describe` share of them, answered in one of `describe_styles`, question types
+    drawn by `question_weights`)."""
     from polymodal.data.world.text import DESCRIBE_PROMPTS, captions_of
 
     def document(index: int) -> Document:
@@ -268,7 +271,7 @@ def world_documents(stage: str, tokenizer, processor: ImageProcessor, world, ima
             messages = [{"role": "user", "content": IMAGE_MARKER + "\n" + DESCRIBE_PROMPTS[index % len(DESCRIBE_PROMPTS)]},
                         {"role": "assistant", "content": captions[index % len(captions)]}]
         else:
-            messages = scene.conversation(turns, describe, question_weights)
+            messages = scene.conversation(turns, describe, question_weights, describe_styles)
         return conversation_document(tokenizer, messages, [pixels], image_token_id, image_tokens)
 
     return document
@@ -302,7 +305,8 @@ def make_batches(config: MMLLMRecipeConfig, model: MultimodalLM, tokenizer,
                   background=d.background, seed=config.train.seed)
     processor = ImageProcessor.for_model(model.config)
     document = world_documents(config.stage, tokenizer, processor, world, model.config.image_token_id,
-                               model.image_tokens, d.turns, d.caption_styles, d.describe, d.question_weights)
+                               model.image_tokens, d.turns, d.caption_styles, d.describe, d.question_weights,
+                               d.describe_styles)
     if config.replays_text:
         document = with_text_replay(document, replay, tokenizer, d.text_replay)
     return ShuffledBatches(d.num_scenes, min(d.docs_per_batch, d.num_scenes),

@@ -213,3 +213,29 @@ def test_question_templates_hide_colors_and_shapes():
              if qa.qtype == "count"]
     assert sum(n for _, n, *_ in rows) == len(asked)
     assert all(sum(truth.values()) == sum(answers.values()) == n for _, n, _, truth, answers in rows)
+
+
+def test_caption_word_probe_scores_an_oracle_perfectly_and_counts_every_word():
+    """probe_caption_words: teacher-forced word accuracy; a model whose logits peak at each next
+    token scores 100%, and every object of a 2-3 object scene has one color and one shape word."""
+    import probe_caption_words as probe
+
+    from polymodal.data.world import World, world_tokenizer
+    from polymodal.models.mmllm import MultimodalLM, mmllm_tiny_for
+
+    tokenizer = world_tokenizer()
+    torch.manual_seed(0)
+    model = MultimodalLM(mmllm_tiny_for(tokenizer))
+
+    class Oracle(MultimodalLM):
+        def forward(self, packed=None, **_):
+            logits = torch.nn.functional.one_hot(packed.labels.clamp(min=0), self.config.lm.vocab_size).float()
+            return type("Out", (), {"logits": logits})()
+
+    oracle = Oracle(model.config)
+    objects = sum(len(scene.objects) for scene in World("val", num_objects=(2, 3)).scenes(4))
+    result = probe.caption_word_accuracy(oracle, tokenizer, "located", scenes=4)
+    assert result["color"] == (1.0, objects) and result["shape"] == (1.0, objects)
+    assert result["place"][0] == 1.0 and result["place"][1] >= objects
+    untrained = probe.caption_word_accuracy(model, tokenizer, "grounded", scenes=4)
+    assert all(0.0 <= accuracy <= 1.0 and count >= objects for accuracy, count in untrained.values())

@@ -60,6 +60,8 @@ def test_recipe_config_errors():
         MMLLMRecipeConfig(trainable=["decoder"])
     with pytest.raises(ValueError, match="caption_styles"):
         MMLLMDataConfig(caption_styles=["poem"])
+    with pytest.raises(ValueError, match="describe_styles"):
+        MMLLMDataConfig(describe_styles=[])
     with pytest.raises(ValueError, match="describe"):
         MMLLMDataConfig(describe=-0.1)
     with pytest.raises(ValueError, match="question_weights"):
@@ -100,6 +102,21 @@ def test_instruct_chats_follow_turns_and_describe():
             expected = world[index].conversation(1, describe)[1]["content"]
             assert tokenizer.decode(answers[0].tokens.tolist()).strip() == expected + "<|im_end|>"
             assert (len(expected.split()) > 3) == (describe == 1.0)  # descriptions are sentences, answers words
+
+
+def test_instruct_descriptions_follow_describe_styles():
+    from polymodal.data.conversation import IMAGE_MARKER
+    from polymodal.data.world import world_tokenizer
+    from polymodal.data.world.text import caption
+    from polymodal.recipes.mmllm import world_documents
+
+    tokenizer = world_tokenizer()
+    world = World("train", image_size=32)
+    document = world_documents("instruct", tokenizer, ImageProcessor(32), world, tokenizer.token_to_id(IMAGE_MARKER),
+                               4, turns=1, caption_styles=["short"], describe=1.0, describe_styles=["located"])
+    for index in range(5):
+        answer = next(seg for seg in document(index).segments if seg.loss)
+        assert tokenizer.decode(answer.tokens.tolist()).strip() == caption(world[index], "located") + "<|im_end|>"
 
 
 def test_text_replay_mixes_the_share_of_text_chats_with_loss_on_the_answer_only():

@@ -1,6 +1,7 @@
 """`Scene`: one sampled shapes-world scene with its renderings, annotations and text."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,11 +85,12 @@ class Scene:
         """All question/answer pairs about the scene (see `text` for the answer vocabulary)."""
         return text.questions(self)
 
-    def conversation(self, turns: int = 3, describe: float = 0.5, weights: dict[str, int] | None = None) -> list[dict]:
+    def conversation(self, turns: int = 3, describe: float = 0.5, weights: dict[str, int] | None = None,
+                     describe_styles: Sequence[str] = ("detailed",)) -> list[dict]:
         """A multi-turn chat [{"role", "content"}] that opens with a description request with
-        probability `describe` and draws question types by `weights` (see `text.conversation`);
-        the first user turn starts with "<image>\\n"."""
-        return text.conversation(self, turns, describe, weights)
+        probability `describe`, answered in one of the caption styles `describe_styles`, and draws
+        question types by `weights` (see `text.conversation`); the first user turn starts with "<image>\\n"."""
+        return text.conversation(self, turns, describe, weights, describe_styles)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict; `Scene.from_dict` rebuilds an equal scene."""

@@ -242,13 +242,14 @@ def check_question_weights(weights: Mapping[str, int], name: str) -> dict[str, i
 
 
 def conversation(scene: Scene, turns: int = 3, describe: float = 0.5,
-                 weights: Mapping[str, int] | None = None) -> list[dict]:
+                 weights: Mapping[str, int] | None = None, describe_styles: Sequence[str] = ("detailed",)) -> list[dict]:
     """A `turns`-turn chat about `scene`: a description request or a question per user turn.
 
     With probability `describe` (drawn from the scene's seed) the chat opens with a description
     request; every other turn is a question, drawn round-robin over question types so turns vary.
     `weights` ({qtype: n >= 1}, 1 for types it leaves out) puts a type n times into the shuffled
-    round-robin, so a one-question chat asks it n times as often.
+    round-robin, so a one-question chat asks it n times as often. The description is one
+    template of the caption styles `describe_styles` (CAPTION_STYLES), drawn from the scene's seed.
     The first user turn starts with "<image>\\n". Returns [{"role": "user"|"assistant", "content": str}, ...].
     """
     weights = check_question_weights(weights or {}, "conversation: weights")
@@ -256,6 +257,9 @@ def conversation(scene: Scene, turns: int = 3, describe: float = 0.5,
         raise ValueError(f"conversation: turns must be >= 1, got {turns!r}")
     if not 0.0 <= describe <= 1.0:
         raise ValueError(f"conversation: describe must be a probability in [0, 1], got {describe!r}")
+    if not describe_styles or any(style not in _CAPTIONS for style in describe_styles):
+        raise ValueError(f"conversation: describe_styles must be a non-empty list from {CAPTION_STYLES}, "
+                         f"got {describe_styles!r}")
     rng = np.random.default_rng([scene.seed, 202])
     by_type: dict[str, list[QA]] = {}
     for qa in questions(scene):
@@ -267,7 +271,8 @@ def conversation(scene: Scene, turns: int = 3, describe: float = 0.5,
     pairs: list[tuple[str, str]] = []
     if rng.random() < describe:
         prompt = DESCRIBE_PROMPTS[int(rng.integers(len(DESCRIBE_PROMPTS)))]
-        pairs.append((prompt, caption(scene, "detailed", int(rng.integers(3)))))
+        descriptions = captions_of(scene, describe_styles)
+        pairs.append((prompt, descriptions[int(rng.integers(len(descriptions)))]))
     k = 0
     while len(pairs) < turns and any(by_type.values()):
         pool = by_type[order[k % len(order)]]

@@ -174,3 +174,19 @@ def test_conversation_describe_sets_the_share_of_chats_that_open_with_a_descript
     with pytest.raises(ValueError, match="describe"):
         scenes[0].conversation(2, describe=1.5)
 
+
+def test_conversation_describe_styles_choose_the_description_templates():
+    from polymodal.data.world.text import caption, captions_of
+
+    scenes = list(World("train", num_objects=(2, 3)).scenes(30))
+    for scene in scenes:
+        assert scene.conversation(1, describe=1.0, describe_styles=["located"])[1]["content"] == caption(scene, "located")
+        assert scene.conversation(1, describe=1.0)[1]["content"] in captions_of(scene, ["detailed"])
+        # The description's draw comes from the scene's seed and leaves the question turns as they were.
+        assert (scene.conversation(3, describe=1.0, describe_styles=["located"])[2:]
+                == scene.conversation(3, describe=1.0)[2:])
+    with pytest.raises(ValueError, match="poem"):
+        scenes[0].conversation(1, describe_styles=["poem"])
+    with pytest.raises(ValueError, match="describe_styles"):
+        scenes[0].conversation(1, describe_styles=[])
+

@@ -65,7 +65,7 @@ def quickstart_model() -> MMLLMConfig:
     side, by place ("the object in the top left") and by content ("is there a red circle?").
     Measured with the located descriptions of `stage_config`: with 4 heads, one of two runs lost
     the lookups by place and stayed at chance on existence (70.1% over all types); with 8 heads,
-    three of three runs passed every target (78.6-82.2%, existence 67-90%; benchmarks/RESULTS.md).
+    four of four runs passed every target (78.6-82.4%, existence 67-90%; benchmarks/RESULTS.md).
     """
     tower = GridPoolConfig(image_size=IMAGE_SIZE, filters=64, kernel_size=5, stride=2, grid=3)
     lm = DecoderConfig(hidden_size=128, intermediate_size=384, num_layers=3, num_heads=8, num_kv_heads=4,

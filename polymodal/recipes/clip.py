@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from polymodal.config import config_to_yaml, load_config
-from polymodal.data.world.text import CAPTION_STYLES, captions_of
+from polymodal.data.world.text import captions_of, check_caption_styles
 from polymodal.models.contrastive import ContrastiveConfig, ContrastiveModel
 from polymodal.train.data import IndexedBatches
 from polymodal.train.loop import TrainConfig, TrainResult, train
@@ -122,11 +122,7 @@ class WorldPairs:
                            seed=seed)
         self.tokenizer, self.batch_size, self.max_tokens = tokenizer, batch_size, max_tokens
         self.special_tokens = special_tokens
-        self.styles = list(styles)
-        bad = [s for s in self.styles if s not in CAPTION_STYLES]
-        if bad or not self.styles:
-            raise ValueError(f"ClipDataConfig.caption_styles must be a non-empty subset of {CAPTION_STYLES}, "
-                             f"got {styles}")
+        self.styles = check_caption_styles(styles, "ClipDataConfig.caption_styles")
 
     def __call__(self, index: int) -> dict:
         rng = np.random.default_rng([index, 7])  # caption choice: a pure function of the batch index

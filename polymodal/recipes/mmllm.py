@@ -71,18 +71,16 @@ class MMLLMDataConfig:
     text_replay: float = 0.0
 
     def __post_init__(self):
-        from polymodal.data.world.text import CAPTION_STYLES, check_question_weights
+        from polymodal.data.world import text
 
         if not 0.0 <= self.describe <= 1.0:
             raise ValueError(f"MMLLMDataConfig.describe must be in [0, 1], got {self.describe!r}")
-        check_question_weights(self.question_weights, "MMLLMDataConfig.question_weights")
+        text.check_question_weights(self.question_weights, "MMLLMDataConfig.question_weights")
         if not 0.0 <= self.text_replay < 1.0:
             raise ValueError(f"MMLLMDataConfig.text_replay must be in [0, 1), got {self.text_replay!r}")
 
-        for name in ("caption_styles", "describe_styles"):
-            styles = getattr(self, name)
-            if not styles or any(style not in CAPTION_STYLES for style in styles):
-                raise ValueError(f"MMLLMDataConfig.{name} must be a non-empty list from {CAPTION_STYLES}, got {styles!r}")
+        text.check_caption_styles(self.caption_styles, "MMLLMDataConfig.caption_styles")
+        text.check_caption_styles(self.describe_styles, "MMLLMDataConfig.describe_styles")
 
 
 @dataclass

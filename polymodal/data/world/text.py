@@ -233,6 +233,13 @@ def questions(scene: Scene) -> list[QA]:
     )
 
 
+def check_caption_styles(styles: Sequence[str], name: str) -> list[str]:
+    """`styles` as a list if it is a non-empty list of CAPTION_STYLES; else a ValueError naming `name`."""
+    if not styles or any(style not in _CAPTIONS for style in styles):
+        raise ValueError(f"{name} must be a non-empty list from {CAPTION_STYLES}, got {styles!r}")
+    return list(styles)
+
+
 def check_question_weights(weights: Mapping[str, int], name: str) -> dict[str, int]:
     """`weights` as a dict if it maps question types to integers >= 1; else a ValueError naming `name`."""
     bad = {t: n for t, n in weights.items() if t not in QTYPES or not isinstance(n, int) or n < 1}
@@ -257,9 +264,7 @@ def conversation(scene: Scene, turns: int = 3, describe: float = 0.5,
         raise ValueError(f"conversation: turns must be >= 1, got {turns!r}")
     if not 0.0 <= describe <= 1.0:
         raise ValueError(f"conversation: describe must be a probability in [0, 1], got {describe!r}")
-    if not describe_styles or any(style not in _CAPTIONS for style in describe_styles):
-        raise ValueError(f"conversation: describe_styles must be a non-empty list from {CAPTION_STYLES}, "
-                         f"got {describe_styles!r}")
+    check_caption_styles(describe_styles, "conversation: describe_styles")
     rng = np.random.default_rng([scene.seed, 202])
     by_type: dict[str, list[QA]] = {}
     for qa in questions(scene):

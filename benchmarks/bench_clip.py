@@ -29,6 +29,7 @@ from polymodal.encoders.text import TextEncoderConfig  # noqa: E402
 from polymodal.encoders.vit import ViTConfig  # noqa: E402
 from polymodal.interop.hf_clip import contrastive_layout, contrastive_state_to_hf, hf_config_from_contrastive  # noqa: E402
 from polymodal.models.contrastive import ContrastiveConfig, ContrastiveModel  # noqa: E402
+from polymodal.train.objectives import contrastive_loss  # noqa: E402
 
 
 def bench_config(quick: bool = False) -> ContrastiveConfig:
@@ -98,7 +99,7 @@ def bench_train(config: ContrastiveConfig, batch: int, device: str, warmup: int,
     hf = to_hf_clip(ours).to(device)
     data = {k: v.to(device) for k, v in make_batch(config, batch, seed).items()}
     with torch.no_grad():
-        diff = abs(ours(**data).loss.item() - hf(**data, return_loss=True).loss.item())
+        diff = abs(contrastive_loss(ours, data).item() - hf(**data, return_loss=True).loss.item())
     if not diff < 1e-3:
         raise RuntimeError(f"polymodal and transformers CLIP losses differ by {diff:.3g}: the weight copy is wrong")
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda"
@@ -116,7 +117,7 @@ def bench_train(config: ContrastiveConfig, batch: int, device: str, warmup: int,
         return step
 
     ours.train(), hf.train()
-    steps = {"polymodal": stepper(ours, lambda: ours(**data).loss),
+    steps = {"polymodal": stepper(ours, lambda: contrastive_loss(ours, data)),
              "transformers": stepper(hf, lambda: hf(**data, return_loss=True).loss)}
     times = time_interleaved(steps, warmup, iters, device)
     flops = train_flops_per_sample(ours, data["attention_mask"].sum(1).float().mean().item())

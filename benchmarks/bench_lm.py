@@ -38,6 +38,7 @@ from common import (
 from polymodal.backbones.decoder import DecoderConfig, DecoderLM, shift_labels
 from polymodal.infer.generate import generate, left_pad
 from polymodal.sequence import IGNORE_INDEX, Document, pack_documents
+from polymodal.train.objectives import next_token_loss, token_cross_entropy
 
 
 @dataclass
@@ -173,7 +174,7 @@ def bench_train(config: DecoderConfig, sizes: BenchSizes, device: str = "cpu", s
     ids = torch.randint(0, config.vocab_size, (sizes.train_batch, sizes.train_seq), generator=gen).to(device)
     diff = logits_max_diff(ours, hf, ids)
     labels = shift_labels(ids)
-    ours_step, ours_losses = _train_step(ours, lambda: ours(ids, labels=labels).loss, device)
+    ours_step, ours_losses = _train_step(ours, lambda: token_cross_entropy(ours(ids).logits, labels), device)
     hf_step, hf_losses = _train_step(hf, lambda: hf(input_ids=ids, labels=ids).loss, device)
     times = time_interleaved({"polymodal": ours_step, "transformers": hf_step}, sizes.warmup, sizes.iters, device)
     tokens = ids.numel()
@@ -230,9 +231,9 @@ def bench_packed(config: DecoderConfig, sizes: BenchSizes, device: str = "cpu", 
     steps["transformers_padded"], losses["transformers_padded"] = _train_step(
         hf, lambda: hf(input_ids=ids, attention_mask=mask, labels=hf_labels).loss, device)
     steps["polymodal_padded"], losses["polymodal_padded"] = _train_step(
-        ours_pad, lambda: ours_pad(ids, attention_mask=mask, labels=ours_labels).loss, device)
+        ours_pad, lambda: token_cross_entropy(ours_pad(ids, attention_mask=mask).logits, ours_labels), device)
     steps["polymodal_packed"], losses["polymodal_packed"] = _train_step(
-        ours_pack, lambda: ours_pack(packed=packed).loss, device)
+        ours_pack, lambda: next_token_loss(ours_pack, packed), device)
     times = time_interleaved(steps, sizes.warmup, sizes.iters, device)
 
     real = sum(len(d) for d in docs)

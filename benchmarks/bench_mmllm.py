@@ -7,7 +7,7 @@ loss on the assistant answers only. transformers gets each step's chats right-pa
 longest one (the usual LLaVA collator); polymodal packs them padding-free into rows. The
 logits of both models are compared first (and the first losses reported), so the timing
 compares equal work. polymodal runs as its recipes do, with the LM head on the answer positions
-only (`loss_only=True`); "polymodal_all_logits" is the same packed step with logits everywhere,
+only (`polymodal.train.objectives.next_token_loss`); "polymodal_all_logits" is the same packed step with logits everywhere,
 to show what that saves. Reported: real (non-padding) tokens/s of a full training step (forward,
 backward, AdamW), median and best of interleaved rounds, the ratio, and MFU on CUDA (model FLOPs
 with the head on every position, the same count for every variant).
@@ -29,7 +29,8 @@ from polymodal.encoders.vit import ViTConfig
 from polymodal.interop.hf_vit import vit_state_to_hf
 from polymodal.models.mmllm import MMLLMConfig, MultimodalLM
 from polymodal.projectors import ProjectorConfig
-from polymodal.sequence import IGNORE_INDEX, pack_documents
+from polymodal.sequence import IGNORE_INDEX, NEXT_TOKEN, pack_documents
+from polymodal.train.objectives import next_token_loss, token_cross_entropy
 
 
 def bench_config(vocab_size: int, image_token_id: int, quick: bool = False) -> MMLLMConfig:
@@ -100,7 +101,7 @@ def padded_batch(docs, device: str) -> dict:
     labels = torch.full_like(ids, IGNORE_INDEX)
     for i, doc in enumerate(docs):
         row = torch.cat([s.tokens for s in doc.segments])
-        target = torch.cat([torch.full((s.length,), s.loss) for s in doc.segments])
+        target = torch.cat([torch.full((s.length,), s.target == NEXT_TOKEN) for s in doc.segments])
         ids[i, :len(row)], mask[i, :len(row)] = row, 1
         labels[i, :len(row)] = row.masked_fill(~target, IGNORE_INDEX)
     pixels = torch.stack([s.data for d in docs for s in d.segments if s.modality == "image"])
@@ -134,9 +135,9 @@ def run(quick: bool = False, device: str = "cpu", docs_per_step: int = 24, max_t
     steps, losses = {}, {}
     steps["transformers_padded"], losses["transformers_padded"] = _train_step(hf, lambda: hf(**padded).loss, device)
     steps["polymodal_packed"], losses["polymodal_packed"] = _train_step(
-        ours, lambda: ours(packed=packed, loss_only=True).loss, device)
+        ours, lambda: next_token_loss(ours, packed), device)
     steps["polymodal_all_logits"], losses["polymodal_all_logits"] = _train_step(
-        ours, lambda: ours(packed=packed).loss, device)
+        ours, lambda: token_cross_entropy(ours(packed=packed).logits, packed.labels), device)
     times = time_interleaved(steps, warmup, iters, device)
     real = sum(len(d) for d in docs)
     padded_positions = padded["input_ids"].numel()

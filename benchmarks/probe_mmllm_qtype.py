@@ -29,7 +29,6 @@ import argparse
 import collections
 import math
 import re
-from pathlib import Path
 
 import torch
 
@@ -45,6 +44,7 @@ from polymodal.recipes.seen_tokens import recorded_in, reinit_unseen_tokens
 from polymodal.sequence import pack_documents
 from polymodal.train.data import ShuffledBatches
 from polymodal.train.loop import TrainConfig, train
+from polymodal.train.objectives import sequence_loss
 
 
 def _val_questions(processor, qtype: str, objects: tuple[int, int], scenes: int) -> tuple[list, list]:
@@ -123,7 +123,7 @@ def probe_qtype(qtype: str, init: str | None = None, steps: int = 400, docs: int
             reinit_unseen_tokens(model.lm, seen, seed=0)
     else:
         # Only the stage config's model and tokenizer settings are read here; nothing is written.
-        stage = stage_config("instruct", Path("unused"), seed=0)
+        stage = stage_config("instruct")
         stage.model.lm.tie_word_embeddings = not untied
         model, tokenizer = build_mmllm(stage)
     set_trainable(model, ["projector", "lm"], LoRAConfig())
@@ -145,7 +145,7 @@ def probe_qtype(qtype: str, init: str | None = None, steps: int = 400, docs: int
     config = TrainConfig(steps=steps, lr=lr, warmup_steps=max(1, steps // 20) if warmup is None else warmup,
                          weight_decay=0.01)
     model.train()
-    result = train(model, batches, lambda m, batch: m(packed=batch, loss_only=True).loss, config,
+    result = train(model, batches, sequence_loss, config,
                    tokens_in_batch=lambda batch: batch.num_tokens)
     return {"losses": result.losses, "before": before, "after": val_accuracy()}
 

@@ -36,13 +36,14 @@ def load_tower(source: str) -> tuple[nn.Module, MMLLMConfig]:
     from polymodal.api import load
     from polymodal.encoders.vit import ViTConfig
     from polymodal.models.mmllm import build_vision_tower
-    from polymodal.quickstart import IMAGE_SIZE, quickstart_model
+    from polymodal.quickstart import stage_config
     from polymodal.recipes.mmllm import vision_tower_from
 
     if source in ("quickstart", "patch"):
-        config = quickstart_model()
+        config = stage_config("align").model
         if source == "patch":
-            config = MMLLMConfig(vision=ViTConfig(image_size=IMAGE_SIZE, patch_size=IMAGE_SIZE // 3, hidden_size=192,
+            size = config.image_size
+            config = MMLLMConfig(vision=ViTConfig(image_size=size, patch_size=size // 3, hidden_size=192,
                                                   num_layers=0), lm=config.lm, vision_feature_layer=-1)
         torch.manual_seed(0)  # the tower is an MM-LLM's first module, so this is its seed-0 tower
         return build_vision_tower(config).eval(), config

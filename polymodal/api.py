@@ -41,3 +41,21 @@ def load(path: str | Path, device: "str | torch.device" = "cpu", dtype: "torch.d
     else:
         model, tokenizer = import_hf(path, dtype=dtype or torch.float32)
     return Loaded(model.to(device).eval(), tokenizer)
+
+
+def load_verbose(path: str | Path, device: "str | torch.device" = "cpu", dtype: "torch.dtype | None" = None,
+                 stream=None) -> Loaded:
+    """`load`, telling `stream` (default stderr) what is loading and, after, what it loaded
+    (family, parameter count, seconds): a GGUF or a large HF folder takes many seconds."""
+    import sys
+    import time
+
+    stream = stream or sys.stderr
+    print(f"loading {path} ...", file=stream, flush=True)
+    started = time.perf_counter()
+    loaded = load(path, device=device, dtype=dtype)
+    params = sum(p.numel() for p in loaded.model.parameters())
+    family = getattr(loaded.model, "family", type(loaded.model).__name__)
+    print(f"loaded a {family} model ({params / 1e6:.1f}M parameters) in {time.perf_counter() - started:.1f} s",
+          file=stream, flush=True)
+    return loaded

@@ -70,15 +70,25 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def fsync_tree(root: Path) -> None:
-    """Flush every file and folder under `root` to disk before it is renamed into place."""
+    """Flush every file and folder under `root` to disk before it is renamed into place, giving
+    each file the process's usual mode (some writers, safetensors among them, create files 0600)."""
+    mode = 0o666 & ~_umask()
     for dirpath, _, filenames in os.walk(root):
         for filename in filenames:
+            os.chmod(os.path.join(dirpath, filename), mode)
             fd = os.open(os.path.join(dirpath, filename), os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
         fsync_dir(Path(dirpath))
+
+
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(path: Path) -> None:

@@ -23,17 +23,31 @@ import torch
 IGNORE_INDEX = -100
 
 
+# What a segment's positions are trained to predict (`Segment.target`); the packer records each
+# kind where the objectives in `polymodal.train.objectives` read it.
+NEXT_TOKEN = "next_token"  # each token is predicted from the position before it (PackedBatch.labels)
+MASKED_TOKEN = "masked_token"  # the `masked` positions predict `targets` at themselves (PackedBatch.masked_labels)
+PAYLOAD = "payload"  # the family regresses the segment's payload (diffusion); listed in PackedBatch.placements
+TARGETS = (NEXT_TOKEN, MASKED_TOKEN, PAYLOAD, None)
+
+
 @dataclass
 class Segment:
     """One span of a document.
 
     modality: "text", "image", "audio" or "video".
-    tokens: (L,) int64 ids for text or discrete codes; None for continuous segments.
+    tokens: (L,) int64 ids for text or discrete codes (the model's inputs); None for continuous segments.
     data: the raw payload of a continuous segment (pixels (C, H, W), latents, audio features);
         the family's encoder/projector turns it into `length` embeddings.
     length: positions the segment occupies; defaults to len(tokens).
     bidirectional: positions inside this segment see each other regardless of order.
-    loss: whether tokens of this segment are next-token prediction targets.
+    target: what the segment is trained on (one of TARGETS): NEXT_TOKEN (the default for token
+        segments), MASKED_TOKEN (with `masked`, and `targets` when the inputs were corrupted),
+        PAYLOAD (a regression/diffusion target on `data`), or None (conditioning only: prompts,
+        input images).
+    masked: (L,) bool, MASKED_TOKEN only: the positions whose target is scored.
+    targets: (L,) int64, MASKED_TOKEN only: the ids to predict (default: `tokens`), so the inputs
+        can carry a mask id where the targets keep the original codes (Show-o, BEiT).
     """
 
     modality: str = "text"
@@ -41,7 +55,9 @@ class Segment:
     data: torch.Tensor | None = None
     length: int | None = None
     bidirectional: bool = False
-    loss: bool = True
+    target: str | None = NEXT_TOKEN
+    masked: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.tokens is not None:
@@ -52,6 +68,22 @@ class Segment:
                 raise ValueError(f"segment length {self.length} != len(tokens) {self.tokens.numel()}")
         if self.length is None:
             raise ValueError(f"{self.modality} segment needs `tokens` or an explicit `length`")
+        if self.target not in TARGETS:
+            raise ValueError(f"segment target must be one of {TARGETS}, got {self.target!r}")
+        if self.target == NEXT_TOKEN and self.tokens is None:
+            self.target = None  # a payload-only segment has no tokens to predict
+        if self.target == MASKED_TOKEN:
+            if self.masked is None:
+                raise ValueError("a masked_token segment needs `masked`: the (L,) bool positions to score")
+            self.masked = torch.as_tensor(self.masked, dtype=torch.bool).reshape(-1)
+            self.targets = torch.as_tensor(self.tokens if self.targets is None else self.targets,
+                                           dtype=torch.long).reshape(-1)
+            for name in ("masked", "targets"):
+                if getattr(self, name).numel() != self.length:
+                    raise ValueError(f"masked_token segment: `{name}` has {getattr(self, name).numel()} entries "
+                                     f"for {self.length} positions")
+        elif self.masked is not None or self.targets is not None:
+            raise ValueError(f"`masked` / `targets` belong to masked_token segments, not target={self.target!r}")
 
 
 @dataclass
@@ -64,9 +96,9 @@ class Document:
         return sum(s.length for s in self.segments)
 
     @classmethod
-    def from_tokens(cls, tokens, loss: bool = True) -> "Document":
+    def from_tokens(cls, tokens, target: str | None = NEXT_TOKEN) -> "Document":
         """A text-only document from a list/tensor of token ids."""
-        return cls([Segment("text", tokens=tokens, loss=loss)])
+        return cls([Segment("text", tokens=tokens, target=target)])
 
 
 @dataclass
@@ -94,7 +126,8 @@ class PackedBatch:
     positions: position within the document (restarts at 0 per document);
     segment_ids: a row-unique id per segment (-1 for padding);
     bidirectional: whether the position's segment is bidirectional;
-    labels: next-token targets (IGNORE_INDEX where none);
+    labels: next-token targets (IGNORE_INDEX where none): labels[t] is the id at t+1;
+    masked_labels: masked-token targets at the masked positions themselves (IGNORE_INDEX elsewhere);
     placements: segments with payloads, to be filled with embeddings by the family (layout order);
     document_rows: for each input document, (row, start) where it was placed.
     """
@@ -105,6 +138,7 @@ class PackedBatch:
     segment_ids: torch.Tensor
     bidirectional: torch.Tensor
     labels: torch.Tensor
+    masked_labels: torch.Tensor
     placements: list[Placement]
     document_rows: list[tuple[int, int]]
 
@@ -116,8 +150,13 @@ class PackedBatch:
     def to(self, device) -> "PackedBatch":
         """The batch with its tensors on `device` (placements' payloads move lazily with the family)."""
         moved = {k: getattr(self, k).to(device) for k in
-                 ("token_ids", "document_ids", "positions", "segment_ids", "bidirectional", "labels")}
+                 ("token_ids", "document_ids", "positions", "segment_ids", "bidirectional", "labels",
+                  "masked_labels")}
         return PackedBatch(**moved, placements=self.placements, document_rows=self.document_rows)
+
+    def payload_placements(self) -> list[Placement]:
+        """The placements whose segment carries a PAYLOAD target (diffusion/regression), in layout order."""
+        return [p for p in self.placements if p.segment.target == PAYLOAD]
 
     def dense_mask(self) -> torch.Tensor:
         """The attention rule as a boolean mask (R, 1, L, L), True = may attend."""
@@ -234,8 +273,8 @@ def _lay_out(documents: list[Document], row_docs: list[list[int]], length: int, 
     positions = torch.zeros((rows, length), dtype=torch.long)
     segment_ids = torch.full((rows, length), -1, dtype=torch.long)
     bidirectional = torch.zeros((rows, length), dtype=torch.bool)
-    targets_on = torch.zeros((rows, length), dtype=torch.bool)  # position's token is a loss target
-    is_token = torch.zeros((rows, length), dtype=torch.bool)
+    next_target = torch.zeros((rows, length), dtype=torch.bool)  # the position's token is predicted from t-1
+    masked_labels = torch.full((rows, length), IGNORE_INDEX, dtype=torch.long)
     placements: list[Placement] = []
     document_rows: list[tuple[int, int]] = [(0, 0)] * len(documents)
     for r, docs in enumerate(row_docs):
@@ -252,16 +291,17 @@ def _lay_out(documents: list[Document], row_docs: list[list[int]], length: int, 
                 bidirectional[r, span] = seg.bidirectional
                 if seg.tokens is not None:
                     token_ids[r, span] = seg.tokens
-                    is_token[r, span] = True
-                    targets_on[r, span] = seg.loss
+                    next_target[r, span] = seg.target == NEXT_TOKEN
+                if seg.target == MASKED_TOKEN:
+                    masked_labels[r, span] = seg.targets.masked_fill(~seg.masked, IGNORE_INDEX)
                 if seg.data is not None or seg.tokens is None:
                     placements.append(Placement(r, cursor, seg.length, d, seg))
                 cursor += seg.length
                 segment_counter += 1
             start += doc_len
-    labels = _next_token_labels(token_ids, document_ids, is_token & targets_on)
-    return PackedBatch(token_ids, document_ids, positions, segment_ids, bidirectional, labels, placements,
-                       document_rows)
+    labels = _next_token_labels(token_ids, document_ids, next_target)
+    return PackedBatch(token_ids, document_ids, positions, segment_ids, bidirectional, labels, masked_labels,
+                       placements, document_rows)
 
 
 def _next_token_labels(token_ids: torch.Tensor, document_ids: torch.Tensor, target_ok: torch.Tensor) -> torch.Tensor:
@@ -284,7 +324,9 @@ def _truncated(doc: Document, max_tokens: int, index: int) -> Document:
             kept.append(seg)
             room -= seg.length
         elif seg.tokens is not None and seg.data is None:  # a payload's placeholders are all or nothing
-            kept.append(Segment(seg.modality, tokens=seg.tokens[:room], bidirectional=seg.bidirectional, loss=seg.loss))
+            cut = {"masked": seg.masked[:room], "targets": seg.targets[:room]} if seg.target == MASKED_TOKEN else {}
+            kept.append(Segment(seg.modality, tokens=seg.tokens[:room], bidirectional=seg.bidirectional,
+                                target=seg.target, **cut))
             room = 0
         else:
             break

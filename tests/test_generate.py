@@ -1,8 +1,21 @@
-"""Generation: KV cache equals recomputation, batched ragged prompts equal one-by-one, sampling rules."""
+"""Generation: KV cache equals recomputation, batched ragged prompts equal one-by-one, sampling rules
+and their validation (library and command line)."""
+import argparse
+import re
+
+import pytest
 import torch
 
 from polymodal.backbones.decoder import DecoderLM
-from polymodal.infer.generate import cut_at_stop, generate, sample_next_token
+from polymodal.errors import UsageError
+from polymodal.infer.generate import (
+    add_context_arguments,
+    add_sampling_arguments,
+    cut_at_stop,
+    generate,
+    sample_next_token,
+    stream_text,
+)
 from polymodal.models.lm import lm_tiny
 
 
@@ -68,3 +81,57 @@ def test_seeded_sampling_is_reproducible():
 def test_cut_at_stop():
     assert cut_at_stop("hello\nUser: hi", ["\nUser:"]) == "hello"
     assert cut_at_stop("hello", ["zzz"]) == "hello"
+
+
+BAD_SAMPLING = [("temperature", -1.0), ("temperature", float("nan")), ("temperature", float("inf")),
+                ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("top_k", 2.5), ("max_new_tokens", -1),
+                ("max_new_tokens", 3.0), ("seed", "7"), ("seed", 1.5)]
+
+
+@pytest.mark.parametrize("argument,value", BAD_SAMPLING)
+def test_bad_sampling_arguments_are_usage_errors_naming_the_argument(argument, value):
+    model = _model()
+    with pytest.raises(UsageError, match=rf"^{argument} must be .*, got {re.escape(repr(value))}$"):
+        generate(model, PROMPTS, **{argument: value})
+    with pytest.raises(UsageError, match=rf"^{argument} must be"):
+        stream_text(model, None, PROMPTS[0], **{argument: value})  # raised at the call, before any piece
+
+
+def test_boundary_sampling_values_are_accepted():
+    model = _model()
+    assert generate(model, PROMPTS, max_new_tokens=0) == [[], [], []]
+    out = generate(model, PROMPTS, max_new_tokens=3, temperature=0, top_k=0, top_p=1.0, seed=None)
+    assert all(len(t) == 3 for t in out)
+    assert len(generate(model, PROMPTS[:1], max_new_tokens=2, temperature=1e-3, top_p=1e-3, seed=0)[0]) == 2
+
+
+def _sampling_parser():
+    parser = argparse.ArgumentParser(prog="polymodal complete")
+    add_sampling_arguments(parser, max_new_tokens=64)
+    add_context_arguments(parser)
+    return parser
+
+
+@pytest.mark.parametrize("option,text,expected", [
+    ("--temperature", "-1", "must be a finite number >= 0"), ("--temperature", "nan", "must be a finite number"),
+    ("--top-p", "0", "must be a number in (0, 1]"), ("--top-p", "1.01", "must be a number in (0, 1]"),
+    ("--top-k", "-3", "must be an integer >= 0"), ("--max-new-tokens", "-1", "must be an integer >= 0"),
+    ("--top-k", "x", "invalid int value: 'x'"), ("--seed", "1.5", "invalid int value: '1.5'"),
+    ("--temperature", "hot", "invalid float value: 'hot'"),
+])
+def test_cli_sampling_options_get_argparse_errors_naming_the_option(option, text, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _sampling_parser().parse_args([option, text])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"polymodal complete: error: argument {option}: {expected}" in err and "Traceback" not in err
+
+
+def test_cli_sampling_options_parse_and_have_help():
+    parser = _sampling_parser()
+    args = parser.parse_args(["--temperature", "0.7", "--top-p", "0.9", "--top-k", "5", "--seed", "3",
+                              "--max-new-tokens", "0", "--truncate"])
+    assert (args.temperature, args.top_p, args.top_k, args.seed, args.max_new_tokens, args.truncate) == \
+        (0.7, 0.9, 5, 3, 0, True)
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(options) == 7 and all(a.help for a in options)

@@ -1,6 +1,8 @@
 """Packing and the shared attention rule: packed forward equals per-document forward."""
 import torch
 
+from polymodal.train.objectives import next_token_loss, token_cross_entropy
+
 from polymodal.backbones.decoder import DecoderLM
 from polymodal.models.lm import lm_tiny
 from polymodal.sequence import IGNORE_INDEX, Document, Segment, attention_rule_dense, pack_documents
@@ -38,7 +40,7 @@ def test_too_long_document_is_an_error_unless_truncated():
 
 def test_truncation_never_cuts_an_image_apart_from_its_pixels():
     """An image segment that no longer fits is dropped whole: no orphan placeholders."""
-    image = Segment("image", tokens=[7] * 16, data=torch.zeros(3, 4, 4), loss=False)
+    image = Segment("image", tokens=[7] * 16, data=torch.zeros(3, 4, 4), target=None)
     doc = Document([Segment("text", tokens=torch.arange(5)), image, Segment("text", tokens=torch.arange(3))])
     packed = pack_documents([doc], max_tokens=12, truncate=True)
     assert packed.num_tokens == 5 and not packed.placements
@@ -95,27 +97,29 @@ def test_packed_forward_equals_per_document_forward_bidirectional_segments():
     assert bool(mask[4, 9]) and not bool(mask[0, 1])
 
 
-def test_loss_only_equals_the_full_head_loss_and_gradients():
+def test_scored_head_objective_equals_the_full_head_loss_and_gradients():
+    """next_token_loss runs the LM head on the labelled positions only; it must equal the
+    cross-entropy of the full logits, in value and gradients."""
     torch.manual_seed(0)
     model = DecoderLM(lm_tiny())
-    user = Segment("text", tokens=torch.arange(10, 16), loss=False)
+    user = Segment("text", tokens=torch.arange(10, 16), target=None)
     docs = [Document([user, Segment("text", tokens=torch.arange(n, n + 4))]) for n in (20, 40, 60)]
     packed = pack_documents(docs, max_tokens=24)
-    full = model(packed=packed).loss
+    full = token_cross_entropy(model(packed=packed).logits, packed.labels)
     full.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    fast = model(packed=packed, loss_only=True)
-    fast.loss.backward()
-    assert fast.logits is None
-    torch.testing.assert_close(fast.loss, full)
+    assert model(packed=packed, logits=False).logits is None
+    fast = next_token_loss(model, packed)
+    fast.backward()
+    torch.testing.assert_close(fast, full)
     for grad, p in zip(grads, model.parameters()):
         torch.testing.assert_close(p.grad, grad, atol=1e-6, rtol=1e-5)
 
 
 def test_labels_are_next_tokens_within_documents_and_respect_loss_flags():
-    user = Segment("text", tokens=[1, 2, 3], loss=False)
-    image = Segment("image", data=torch.zeros(3, 4, 4), length=2, bidirectional=True, loss=False)
+    user = Segment("text", tokens=[1, 2, 3], target=None)
+    image = Segment("image", data=torch.zeros(3, 4, 4), length=2, bidirectional=True, target=None)
     answer = Segment("text", tokens=[7, 8])
     packed = pack_documents([Document([user, image, answer]), Document.from_tokens([4, 5])], max_tokens=16)
     (r0, s0), (r1, s1) = packed.document_rows
@@ -161,7 +165,7 @@ def test_document_spans_equal_the_dense_rule_in_forward_and_gradients():
         packed.attention_mask = mask_of  # the instance attribute shadows the method for this batch
         model.zero_grad()
         out = model(packed=packed)
-        out.loss.backward()
+        token_cross_entropy(out.logits, packed.labels).backward()
         results.append((out.logits[packed.document_ids >= 0], [p.grad.clone() for p in model.parameters()]))
     (logits_a, grads_a), (logits_b, grads_b) = results
     torch.testing.assert_close(logits_a, logits_b, atol=1e-5, rtol=1e-5)

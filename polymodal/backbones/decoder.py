@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from polymodal.nn.init import init_weights
 from polymodal.nn.kv_cache import KVCache
@@ -53,11 +52,11 @@ class DecoderConfig:
 
 @dataclass
 class LMOutput:
-    """logits (B, T, V), None after a `loss_only` call; loss (scalar, when labels were given);
-    hidden_states (B, T, D) final-norm output."""
+    """logits (B, T, V), None after a `logits=False` call; hidden_states (B, T, D) final-norm output.
+
+    Losses are computed from these by `polymodal.train.objectives` (`next_token_loss`, ...)."""
 
     logits: torch.Tensor | None
-    loss: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
 
 
@@ -87,21 +86,18 @@ class DecoderLM(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 packed: PackedBatch | None = None, kv_cache: KVCache | None = None,
-                labels: torch.Tensor | None = None, logits_to_keep: int = 0, loss_only: bool = False) -> LMOutput:
+                logits_to_keep: int = 0, logits: bool = True) -> LMOutput:
         """Run the LM. input_ids (B, T) or inputs_embeds (B, T, D) -> LMOutput.
 
         attention_mask: (B, S) 1/0 padding mask over all keys (cached prefix + new tokens) or None;
         positions: (B, T) explicit positions (derived from the padding mask when omitted);
-        packed: a PackedBatch — ids, positions, mask and labels all come from it;
-        labels: (B, T) targets already aligned to each position (IGNORE_INDEX = no loss), as
-            `PackedBatch.labels` are; for HF-style unshifted labels use `shift_labels`;
+        packed: a PackedBatch — ids, positions and the attention rule all come from it;
         logits_to_keep: if > 0, only the last that many positions get logits (decoding);
-        loss_only: training shortcut — the head runs only on labelled positions and `logits` is
-            None (in chat tuning most positions carry no loss, and the head is the widest matmul).
+        logits: False skips the output head (`logits` is None): the training objectives run
+            `output_logits` on the scored positions only.
         """
         if packed is not None:
             input_ids, positions = packed.token_ids, packed.positions
-            labels = packed.labels if labels is None else labels
             mask = packed.attention_mask()
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         b, t, _ = x.shape
@@ -112,17 +108,13 @@ class DecoderLM(nn.Module):
         h = self.norm(self.layers(x, rope=rope, mask=mask, kv_cache=kv_cache))
         if kv_cache is not None:
             kv_cache.advance(t)
-        if loss_only:
-            if labels is None:
-                raise ValueError("loss_only=True needs labels (or a packed batch holding them)")
-            scored = labels != IGNORE_INDEX
-            loss = F.cross_entropy(self.lm_head(h[scored]).float(), labels[scored])  # (N, V) rows only
-            return LMOutput(logits=None, loss=loss, hidden_states=h)
-        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # (B, T, V)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-        return LMOutput(logits=logits, loss=loss, hidden_states=h)
+        if not logits:
+            return LMOutput(logits=None, hidden_states=h)
+        return LMOutput(logits=self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h), hidden_states=h)
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head: hidden states (..., D) -> logits (..., V)."""
+        return self.lm_head(hidden)
 
     @staticmethod
     def _mask_and_positions(b: int, t: int, past: int, attention_mask, positions, device):

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from polymodal.data.image import Preprocess, load_image, select_grid, tile_image
-from polymodal.sequence import Document, Segment
+from polymodal.sequence import NEXT_TOKEN, Document, Segment
 
 IMAGE_MARKER = "<image>"
 TRAIN_ON = ("assistant", "all")
@@ -94,8 +94,8 @@ def conversation_document(tokenizer, messages: list[dict], images: list[torch.Te
         contents marks where the next image of `images` goes.
     images: pixels (3, H, W) per marker, in order (see `ImageProcessor`).
     Each image becomes Segment("image", tokens=[image_token_id] * image_tokens, data=pixels,
-    loss=False). train_on: "assistant" puts the loss on the assistant turns' content and their
-    end-of-turn token only; "all" on every text token.
+    target=None). train_on: "assistant" makes the assistant turns' content and their
+    end-of-turn token the next-token targets; "all" every text token.
     """
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
@@ -109,16 +109,16 @@ def conversation_document(tokenizer, messages: list[dict], images: list[torch.Te
     segments: list[Segment] = []
     image_iter = iter(images)
     for piece, in_span in _pieces(full, spans):
-        loss = in_span or train_on == "all"
+        target = NEXT_TOKEN if in_span or train_on == "all" else None
         for j, chunk in enumerate(piece.split(IMAGE_MARKER)):
             if j:
                 pixels = next(image_iter)
                 if not torch.is_tensor(pixels) or pixels.dim() != 3:
                     raise ValueError(f"images must be (3, H, W) tensors, got {getattr(pixels, 'shape', type(pixels))}")
-                segments.append(Segment("image", tokens=[image_token_id] * image_tokens, data=pixels, loss=False))
+                segments.append(Segment("image", tokens=[image_token_id] * image_tokens, data=pixels, target=None))
             ids = tokenizer.encode(chunk) if chunk else []
             if ids:
-                segments.append(Segment("text", tokens=ids, loss=loss))
+                segments.append(Segment("text", tokens=ids, target=target))
     return Document(segments)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import math
+import stat
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from polymodal.data.loading import DataError
+from polymodal.data.loading import DataError, clip, short_repr
 
 # About 67 megapixels (8192 x 8192): well under Pillow's own warning threshold (~89.5M), far above
 # any training image; a larger image is almost surely a bomb or a mistake.
@@ -53,16 +54,42 @@ def resolve_under(root: str | Path, path: str | Path) -> Path:
     rejected too. Returns the resolved absolute path (which need not exist).
 
     Raises:
-        DataError: if `path` is absolute or resolves outside `root`.
+        DataError: if `path` is absolute, resolves outside `root`, or cannot be resolved at all
+            (a symlink loop, a NUL byte, a name longer than the file system allows).
     """
     rel = Path(path)
     if rel.is_absolute():
-        raise DataError(f"path {str(path)!r} is absolute; dataset paths must be relative to the root {root}")
-    base = Path(root).resolve()
-    full = (base / rel).resolve()
+        raise DataError(f"path {short_repr(str(path))} is absolute; dataset paths must be relative to the root {root}")
+    try:
+        base = Path(root).resolve()
+        full = (base / rel).resolve()
+    except (OSError, RuntimeError, ValueError) as err:
+        # Python 3.11 raises RuntimeError for a symlink loop and ValueError for an embedded NUL.
+        reason = err.strerror if isinstance(err, OSError) else clip(err)
+        raise DataError(f"path {short_repr(str(path))} cannot be resolved under {root}: {reason}") from err
     if not full.is_relative_to(base):
-        raise DataError(f"path {str(path)!r} escapes the dataset root {base} (resolves to {full})")
+        raise DataError(f"path {short_repr(str(path))} escapes the dataset root {base} (resolves to {clip(full)})")
     return full
+
+
+def check_image_file(path: Path) -> Path:
+    """Return `path` if it is a non-empty regular file, else raise `DataError` saying what it is.
+
+    Readers call this when listing samples, so a directory named `x.png`, an empty file or an
+    unreadable entry is skipped there, naming the record, instead of failing later in a worker.
+    """
+    try:
+        info = path.stat()
+    except FileNotFoundError as err:
+        raise DataError(f"image file {clip(path)} not found") from err
+    except (OSError, ValueError) as err:
+        reason = err.strerror if isinstance(err, OSError) else err
+        raise DataError(f"image file {clip(path)} cannot be accessed: {reason}") from err
+    if not stat.S_ISREG(info.st_mode):
+        raise DataError(f"image file {clip(path)} is not a regular file (a directory or device)")
+    if info.st_size == 0:
+        raise DataError(f"image file {clip(path)} is empty (0 bytes)")
+    return path
 
 
 def load_image(path: str | Path, root: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -85,7 +112,8 @@ def load_image(path: str | Path, root: str | Path | None = None, max_pixels: int
             return _decode(handle, str(full), max_pixels)
     except FileNotFoundError as err:
         raise ImageError(f"{full}: image file not found") from err
-    except (IsADirectoryError, PermissionError) as err:
+    except (OSError, ValueError) as err:
+        # A directory, no permission, a name too long, an embedded NUL: all name the file.
         raise ImageError(f"{full}: cannot open image file: {err}") from err
 
 

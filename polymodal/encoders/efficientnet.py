@@ -144,3 +144,23 @@ class EfficientNet(nn.Module):
         pooled = tokens.mean(1)  # (B, C_head)
         logits = self.classifier(self.dropout(pooled)) if self.classifier is not None else None
         return EfficientNetOutput(tokens, pooled, logits)
+
+
+class EfficientNetTower(EfficientNet):
+    """EfficientNet-Lite as an image tower of the families that feed [-1, 1] pixels: (B, C, H, W) pixels in [-1, 1] -> EfficientNetOutput.
+
+    The family's pixels ((x - 127.5) / 127.5 of 0..255 values) are mapped to the weights' own
+    normalisation ((x - 127) / 128, `EfficientNet.normalize`), grayscale (C = 1) is repeated to the
+    tower's 3 channels, and other sizes are resized (bilinear) to `config.image_size`, so the same
+    recipe and evaluation pixels (e.g. 28 px Fashion-MNIST) feed it. A subclass rather than a
+    wrapper: tensor names stay those of `EfficientNet`, which the `.pth` importer maps.
+    """
+
+    def forward(self, pixel_values: torch.Tensor) -> EfficientNetOutput:
+        x = pixel_values
+        if x.shape[1] == 1 and self.config.in_channels != 1:
+            x = x.expand(-1, self.config.in_channels, -1, -1)  # (B, 3, H, W)
+        size = self.config.image_size
+        if tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)  # (B, 3, S, S)
+        return super().forward(self.normalize((x + 1) / 2))

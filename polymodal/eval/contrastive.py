@@ -3,7 +3,7 @@
 Generic pieces work on any model with `encode_image` / `encode_text` (and on plain matrices, for
 tests): prompt-ensembled zero-shot classifiers (the mean of the normalised embeddings of a class's
 prompts, re-normalised, as CLIP does), top-k accuracy, and Recall@K in both directions where an
-image may own several texts. `evaluate_cli` runs the suites of `polymodal eval` for data "world"
+image may own several texts. `evaluate` runs the suites of `polymodal eval` for data "world"
 (single-object 64 px scenes: zero-shot color / shape / grid position, text->image retrieval of
 detailed captions) and "fashion-mnist" (zero-shot class on the test split).
 """
@@ -17,14 +17,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from polymodal.recipes.clip import image_size_of, max_text_tokens, pixels_from_uint8, tokenize_captions
+from polymodal.data.dual_encoder import pixels_from_uint8, tokenize_captions
+from polymodal.errors import UsageError
 
 
 @torch.no_grad()
 def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
     """L2-normalised text embeddings (N, E) of `texts` (tokenized + eos, padded per chunk)."""
     model.eval()
-    limit, out = max_text_tokens(model), []
+    limit, out = model.config.max_text_tokens, []
     special = model.config.text_tower != "transformer"  # pretrained towers keep their special tokens
     device = next(model.parameters()).device
     for start in range(0, len(texts), batch_size):
@@ -130,7 +131,7 @@ def world_zero_shot(model, tokenizer, split: str = "test", n: int = 500) -> dict
     The image is scored against the prompt of every attribute combination (`world_prompts`) with
     the model's own logit scale; each attribute is the argmax of its marginal (`marginal_logits`).
     """
-    scenes, pixels = _world_scenes(split, n, image_size_of(model.config))
+    scenes, pixels = _world_scenes(split, n, model.config.image_size)
     combos, prompts = world_prompts()
     with torch.no_grad():
         scale = model.scale().float().cpu()
@@ -153,7 +154,7 @@ def world_retrieval(model, tokenizer, split: str = "test", n: int = 1000) -> dic
     spot inside its cell, so scenes with identical captions are indistinguishable from text and
     the strict R@1 has a ceiling below 1 (about 0.7 for 1,000 scenes).
     """
-    scenes, pixels = _world_scenes(split, n, image_size_of(model.config))
+    scenes, pixels = _world_scenes(split, n, model.config.image_size)
     texts = [s.caption("detailed") for s in scenes]
     similarity = encode_images(model, pixels) @ encode_texts(model, tokenizer, texts).t()  # (N, N)
     out = retrieval_recall(similarity, torch.arange(n))
@@ -169,18 +170,19 @@ def world_retrieval(model, tokenizer, split: str = "test", n: int = 1000) -> dic
 def fashion_zero_shot(model, tokenizer, split: str = "test", n: int | None = None) -> dict[str, float]:
     """Zero-shot top-1 / top-5 on Fashion-MNIST `split` (first n images; None = all)."""
     from polymodal.data.formats.idx import FASHION_MNIST_CLASSES, FashionMNIST
-    from polymodal.recipes.clip import FASHION_TEMPLATES
+    from polymodal.data.sources import CLASS_TEMPLATES
 
     data = FashionMNIST(split)
     count = len(data) if n is None else min(n, len(data))
     images = encode_images(model, pixels_from_uint8(data.images[:count]))
     names = [c.lower() for c in FASHION_MNIST_CLASSES]
-    classifier = zero_shot_classifier(model, tokenizer, prompts_from_templates(names, FASHION_TEMPLATES))
+    classifier = zero_shot_classifier(model, tokenizer, prompts_from_templates(names, CLASS_TEMPLATES))
     labels = torch.from_numpy(data.labels[:count].astype(np.int64))
     return {f"zero_shot_{k}": v for k, v in topk_accuracy(images @ classifier.t(), labels).items()}
 
 
-def evaluate_cli(model, tokenizer, data: str = "world", split: str = "test", n: int = 1000) -> dict[str, float]:
+def evaluate(model, tokenizer, data: str = "world", split: str = "test", n: int = 1000,
+             progress: bool = True) -> dict[str, float]:
     """`polymodal eval` for the `clip` family.
 
     data "world": split val / test / compositional; zero-shot color, shape, position on n
@@ -191,4 +193,4 @@ def evaluate_cli(model, tokenizer, data: str = "world", split: str = "test", n: 
         return {**world_zero_shot(model, tokenizer, split, n), **world_retrieval(model, tokenizer, split, n)}
     if data == "fashion-mnist":
         return fashion_zero_shot(model, tokenizer, "test", n)
-    raise ValueError(f"the clip family evaluates on data 'world' or 'fashion-mnist', got {data!r}")
+    raise UsageError(f"--data: the clip family evaluates on 'world' or 'fashion-mnist', got {data!r}")

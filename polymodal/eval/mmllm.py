@@ -21,6 +21,7 @@ from polymodal.data.conversation import IMAGE_MARKER, ImageProcessor
 from polymodal.data.world.text import CAPTION_STYLES, captions_of
 from polymodal.eval.captioning import caption_scores
 from polymodal.eval.vqa import vqa_accuracy
+from polymodal.errors import UsageError
 from polymodal.infer.chat import encode_chat, generate_replies
 
 CAPTION_PROMPT = "Describe the image."
@@ -103,10 +104,11 @@ def evaluate_world(model, tokenizer, split: str = "test", num_scenes: int = 100,
     return metrics
 
 
-def evaluate_cli(model, tokenizer, data: str = "world", split: str = "test", n: int = 100) -> dict[str, float]:
-    """`polymodal eval` entry for the mmllm family: `evaluate_world` on n scenes (data must be "world")."""
+def evaluate(model, tokenizer, data: str = "world", split: str = "test", n: int = 100,
+             progress: bool = True) -> dict[str, float]:
+    """The mmllm family's `polymodal eval` suite: `evaluate_world` on n scenes (data must be "world")."""
     if data != "world":
-        raise ValueError(f"the mmllm family evaluates on data 'world' only, got {data!r}")
+        raise UsageError(f"--data: the mmllm family evaluates on 'world' only, got {data!r}")
     if tokenizer is None:
-        raise ValueError("the mmllm evaluation needs the checkpoint's tokenizer")
-    return evaluate_world(model, tokenizer, split=split, num_scenes=n)
+        raise UsageError("the mmllm evaluation needs the checkpoint's tokenizer, and this checkpoint has none")
+    return evaluate_world(model, tokenizer, split=split, num_scenes=n, progress=progress)

@@ -1,4 +1,4 @@
-"""Chat with a language or multimodal model: Python API, streaming, batches, and `polymodal chat`.
+"""Chat with a language or multimodal model: messages in, a reply (or a stream of pieces) out, batched.
 
 A chat is a list of messages [{"role": "system"|"user"|"assistant", "content": str}] plus the
 images it mentions: each "<image>" in a content marks where the next image goes (LLaVA style).
@@ -7,6 +7,12 @@ one "<image>\\n" per image. Prompts are rendered exactly as in training
 (`polymodal.data.conversation.prompt_ids`), so a fine-tuned model is asked what it learned to
 answer. Text-only (`lm`) models take the same calls without images.
 
+This module is the library side, shared by `polymodal chat` (`polymodal.infer.chat_cli`) and a
+server: it never prints or reads a terminal, and reports problems as exceptions from
+`polymodal.errors` (a prompt longer than the model's context is a `UsageError` unless
+`truncate=True`; then its oldest tokens go, whole images with them, and a warning says so).
+Streams check their request when called, before the first piece.
+
     from polymodal.infer.chat import ChatSession
     session = ChatSession(model, tokenizer)
     session.send("What color is the circle?", images=["scene.png"])
@@ -14,17 +20,15 @@ answer. Text-only (`lm`) models take the same calls without images.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from polymodal.data.conversation import IMAGE_MARKER, ImageProcessor, prompt_ids
-from polymodal.infer.generate import add_sampling_arguments, cut_at_stop, generate, stream_text
+from polymodal.errors import UsageError
+from polymodal.infer.generate import DEFAULT_MAX_NEW_TOKENS, cut_at_stop, generate, stream_text
+from polymodal.infer.limits import check_sampling, context_length, truncation_start, warn_truncated
 
 
 @dataclass
@@ -51,7 +55,7 @@ def with_image_markers(messages: Sequence[dict], num_images: int) -> list[dict]:
     if num_images and not any(IMAGE_MARKER in str(m.get("content", "")) for m in messages):
         first_user = next((m for m in messages if m.get("role") == "user"), None)
         if first_user is None:
-            raise ValueError("images were given but messages have no user message to attach them to")
+            raise UsageError("images were given but messages have no user message to attach them to")
         first_user["content"] = (IMAGE_MARKER + "\n") * num_images + str(first_user.get("content", ""))
     return messages
 
@@ -63,13 +67,14 @@ def encode_chat(model, tokenizer, messages: Sequence[dict], images: Sequence = (
     images: PIL images, uint8 arrays (H, W, 3), file paths, or already processed (3, H, W) tensors.
     """
     if images and not is_multimodal(model):
-        raise ValueError(f"{type(model).__name__} is a text-only model; it cannot read the {len(images)} image(s) given")
+        raise UsageError(f"{type(model).__name__} is a text-only model; it cannot read the {len(images)} image(s) "
+                         "given")
     messages = with_image_markers(messages, len(images))
     if not is_multimodal(model):
         return ChatPrompt(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True), None)
     markers = sum(m["content"].count(IMAGE_MARKER) for m in messages if isinstance(m.get("content"), str))
     if markers != len(images):
-        raise ValueError(f"messages hold {markers} '{IMAGE_MARKER}' markers but {len(images)} images were given")
+        raise UsageError(f"messages hold {markers} '{IMAGE_MARKER}' markers but {len(images)} images were given")
     ids = prompt_ids(tokenizer, messages, model.config.image_token_id, model.image_tokens)
     if not images:
         return ChatPrompt(ids, None)
@@ -78,10 +83,42 @@ def encode_chat(model, tokenizer, messages: Sequence[dict], images: Sequence = (
     return ChatPrompt(ids, pixels)
 
 
+def fit_chat_prompt(model, prompt: ChatPrompt, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                    truncate: bool = False) -> ChatPrompt:
+    """`prompt` checked against the model's context: as is when it fits, else a `UsageError`
+    naming both lengths, or with `truncate` its last tokens (see `polymodal.infer.limits`).
 
-def _generation_kwargs(model, tokenizer, gen: dict) -> dict:
-    """gen plus defaults: stop at the model's and the tokenizer's end-of-turn ids."""
+    A cut never splits an image: an image whose placeholders the cut reaches is dropped whole,
+    with its pixels, so the ids and the pixels still agree.
+    """
+    context = context_length(model)
+    start = truncation_start(len(prompt.ids), context, max_new_tokens, truncate)
+    if not start:
+        return prompt
+    pixels = prompt.pixels
+    if pixels is not None:
+        per_image = model.image_tokens
+        slots = [i for i, token in enumerate(prompt.ids) if token == model.config.image_token_id]
+        if len(slots) != per_image * len(pixels):
+            raise UsageError(f"cannot truncate this prompt: its {len(slots)} image placeholders are not "
+                             f"{per_image} per image for its {len(pixels)} images")
+        dropped = -(-sum(slot < start for slot in slots) // per_image)  # images the cut reaches, rounded up
+        if dropped:
+            start = max(start, slots[dropped * per_image - 1] + 1)
+            pixels = pixels[dropped:] if dropped < len(pixels) else None
+    if start >= len(prompt.ids):
+        raise UsageError(f"cannot truncate the prompt of {len(prompt.ids)} tokens to fit the model's context of "
+                         f"{context} tokens: its last image alone does not fit")
+    warn_truncated(len(prompt.ids), len(prompt.ids) - start, context, max_new_tokens)
+    return ChatPrompt(prompt.ids[start:], pixels)
+
+
+def _generation_kwargs(model, tokenizer, gen: dict) -> tuple[dict, bool]:
+    """(gen checked, plus defaults: stop at the model's and the tokenizer's end-of-turn ids; truncate)."""
     gen = dict(gen)
+    truncate = bool(gen.pop("truncate", False))
+    check_sampling(**{name: gen[name] for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
+                      if name in gen})
     if gen.get("eos_token_id") is None:
         config = getattr(model, "config", None)
         # A MultimodalLM keeps its LM's settings in config.lm.
@@ -91,12 +128,18 @@ def _generation_kwargs(model, tokenizer, gen: dict) -> dict:
             ids.add(tokenizer.eos_token_id)
         gen["eos_token_id"] = sorted(ids) or None
     gen["stop_strings"] = tuple(gen.get("stop_strings", ()))
-    return gen
+    return gen, truncate
 
 
 def generate_replies(model, tokenizer, prompts: Sequence[ChatPrompt], **gen) -> list[str]:
-    """Generate one reply per prompt in a single batch; kwargs as `polymodal.infer.generate.generate`."""
-    gen = _generation_kwargs(model, tokenizer, gen)
+    """Generate one reply per prompt in a single batch.
+
+    gen: as `polymodal.infer.generate.generate` (max_new_tokens, temperature, top_k, top_p, seed,
+    stop_strings, ...) plus `truncate` (see `fit_chat_prompt`).
+    """
+    gen, truncate = _generation_kwargs(model, tokenizer, gen)
+    max_new = gen.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+    prompts = [fit_chat_prompt(model, p, max_new, truncate) for p in prompts]
     ids = [p.ids for p in prompts]
     pixels = [p.pixels for p in prompts if p.pixels is not None]
     if is_multimodal(model):
@@ -107,8 +150,12 @@ def generate_replies(model, tokenizer, prompts: Sequence[ChatPrompt], **gen) -> 
 
 
 def stream_reply(model, tokenizer, prompt: ChatPrompt, **gen) -> Iterator[str]:
-    """Yield the reply to one prompt piece by piece; the pieces join to `generate_replies`' text."""
-    gen = _generation_kwargs(model, tokenizer, gen)
+    """The reply to one prompt as an iterator of pieces that join to `generate_replies`' text.
+
+    The request is checked (and the prompt fitted to the context) when called, before the first piece.
+    """
+    gen, truncate = _generation_kwargs(model, tokenizer, gen)
+    prompt = fit_chat_prompt(model, prompt, gen.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS), truncate)
     if prompt.pixels is not None:
         device = next(model.parameters()).device
         ids = torch.tensor([prompt.ids], device=device)  # (1, T)
@@ -117,44 +164,50 @@ def stream_reply(model, tokenizer, prompt: ChatPrompt, **gen) -> Iterator[str]:
         gen["attention_mask"] = torch.ones_like(ids)
     if is_multimodal(model):
         gen["suppress_tokens"] = model.generation_suppressed_tokens()
-    yield from stream_text(model, tokenizer, prompt.ids, **gen)
+    return stream_text(model, tokenizer, prompt.ids, **gen)
 
 
 def chat(model, tokenizer, messages: Sequence[dict], images: Sequence = (), processor: ImageProcessor | None = None,
          **gen) -> str:
-    """The model's reply to `messages` (+ `images`); gen: max_new_tokens, temperature, top_k, top_p, seed, stop_strings."""
+    """The model's reply to `messages` (+ `images`).
+
+    gen: max_new_tokens, temperature, top_k, top_p, seed, stop_strings, truncate (see `generate_replies`).
+    """
     return generate_replies(model, tokenizer, [encode_chat(model, tokenizer, messages, images, processor)], **gen)[0]
 
 
 def stream_chat(model, tokenizer, messages: Sequence[dict], images: Sequence = (),
                 processor: ImageProcessor | None = None, **gen) -> Iterator[str]:
-    """`chat`, streamed: yields text pieces whose concatenation is `chat`'s reply."""
-    yield from stream_reply(model, tokenizer, encode_chat(model, tokenizer, messages, images, processor), **gen)
+    """`chat`, streamed: an iterator of text pieces whose concatenation is `chat`'s reply."""
+    return stream_reply(model, tokenizer, encode_chat(model, tokenizer, messages, images, processor), **gen)
 
 
 def chat_batch(model, tokenizer, requests: Sequence[tuple[Sequence[dict], Sequence]],
-               processor: ImageProcessor | None = None, batch_size: int = 8, progress: bool = False,
-               **gen) -> list[str]:
-    """Replies to many (messages, images) requests, generated `batch_size` at a time, in order."""
-    from tqdm import tqdm
+               processor: ImageProcessor | None = None, batch_size: int = 8,
+               on_progress: Callable[[int], None] | None = None, **gen) -> list[str]:
+    """Replies to many (messages, images) requests, generated `batch_size` at a time, in order.
 
-    if batch_size < 1:
-        raise ValueError(f"chat_batch: batch_size must be >= 1, got {batch_size}")
+    on_progress(n): called after each batch with the number of requests it answered.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"chat_batch: batch_size must be an integer >= 1, got {batch_size!r}")
     replies: list[str] = []
-    with tqdm(total=len(requests), desc="chat", unit="req", disable=not progress, file=sys.stderr) as bar:
-        for start in range(0, len(requests), batch_size):
-            chunk = requests[start:start + batch_size]
-            prompts = [encode_chat(model, tokenizer, m, ims, processor) for m, ims in chunk]
-            replies += generate_replies(model, tokenizer, prompts, **gen)
-            bar.update(len(chunk))
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start:start + batch_size]
+        prompts = [encode_chat(model, tokenizer, m, ims, processor) for m, ims in chunk]
+        replies += generate_replies(model, tokenizer, prompts, **gen)
+        if on_progress is not None:
+            on_progress(len(chunk))
     return replies
 
 
 class ChatSession:
     """A multi-turn conversation: keeps the messages and images, appends each reply.
 
-    system: optional system message. gen: generation settings for every turn (see `chat`).
+    system: optional system message. gen: generation settings for every turn (see `chat`);
+    with truncate=True a long conversation keeps its latest tokens.
     Images attached with `attach` (or passed to `send`/`stream`) go with the next user message.
+    A turn that fails (a bad image, a prompt too long) leaves the conversation as it was.
     """
 
     def __init__(self, model, tokenizer, processor: ImageProcessor | None = None, system: str | None = None, **gen):
@@ -173,170 +226,47 @@ class ChatSession:
     def attach(self, image) -> None:
         """Attach an image (PIL, uint8 array, path) to the next user message; it is processed now."""
         if not is_multimodal(self.model):
-            raise ValueError(f"{type(self.model).__name__} is a text-only model; it cannot read images")
+            raise UsageError(f"{type(self.model).__name__} is a text-only model; it cannot read images")
         self.pending.append(self.processor(image))
 
-    def _user_turn(self, text: str, images: Sequence) -> ChatPrompt:
-        for image in images:
-            self.attach(image)
-        content = text if IMAGE_MARKER in text else (IMAGE_MARKER + "\n") * len(self.pending) + text
+    def _user_turn(self, text: str, images: Sequence) -> tuple[ChatPrompt, Callable[[], None]]:
+        """The prompt for a new user turn, and the function that adds the turn to the conversation
+        (called once its reply has started, so a failed turn leaves no trace)."""
+        if images and not is_multimodal(self.model):
+            raise UsageError(f"{type(self.model).__name__} is a text-only model; it cannot read images")
+        pending = self.pending + [self.processor(image) for image in images]
+        content = text if IMAGE_MARKER in text else (IMAGE_MARKER + "\n") * len(pending) + text
         messages = self.messages + [{"role": "user", "content": content}]
-        prompt = encode_chat(self.model, self.tokenizer, messages, self.images + self.pending, self.processor)
-        self.messages, self.images, self.pending = messages, self.images + self.pending, []
-        return prompt
+        prompt = encode_chat(self.model, self.tokenizer, messages, self.images + pending, self.processor)
+
+        def commit() -> None:
+            self.messages, self.images, self.pending = messages, self.images + pending, []
+
+        return prompt, commit
 
     def send(self, text: str, images: Sequence = ()) -> str:
         """Add a user message (+ images), generate the reply, remember it and return it."""
-        reply = generate_replies(self.model, self.tokenizer, [self._user_turn(text, images)], **self.gen)[0]
+        prompt, commit = self._user_turn(text, images)
+        reply = generate_replies(self.model, self.tokenizer, [prompt], **self.gen)[0]
+        commit()
         self.messages.append({"role": "assistant", "content": reply})
         return reply
 
     def stream(self, text: str, images: Sequence = ()) -> Iterator[str]:
-        """`send`, streamed: yields reply pieces; the reply is remembered once the stream ends."""
-        prompt = self._user_turn(text, images)
-        pieces = []
+        """`send`, streamed: an iterator of reply pieces; the reply is remembered once the stream ends
+        (or what was streamed of it, when the stream is closed early)."""
+        prompt, commit = self._user_turn(text, images)
+        return self._remembered(stream_reply(self.model, self.tokenizer, prompt, **self.gen), commit)
+
+    def _remembered(self, pieces: Iterator[str], commit: Callable[[], None]) -> Iterator[str]:
+        # The turn joins the conversation when its reply starts streaming, not before: a stream
+        # never read leaves the conversation as it was.
+        commit()
+        streamed = []
         try:
-            for piece in stream_reply(self.model, self.tokenizer, prompt, **self.gen):
-                pieces.append(piece)
+            for piece in pieces:
+                streamed.append(piece)
                 yield piece
         finally:
             # A stream closed early still leaves user/assistant turns alternating.
-            self.messages.append({"role": "assistant", "content": "".join(pieces)})
-
-
-def interactive(session: ChatSession, stdin=None, out=None) -> None:
-    """Read user turns from `stdin` until EOF or /quit and stream each reply to `out`.
-
-    Commands: `/image PATH` attaches an image to the next message, `/reset` starts over,
-    `/quit` ends. A "> " prompt is shown when stdin is a terminal.
-    """
-    stdin, out = stdin or sys.stdin, out or sys.stdout
-    prompt = stdin.isatty()
-    while True:
-        if prompt:
-            out.write("> ")
-            out.flush()
-        line = stdin.readline()
-        if not line or line.strip() in ("/quit", "/exit"):
-            return
-        text = line.strip()
-        if not text:
-            continue
-        if text.startswith("/image"):
-            path = text[len("/image"):].strip()
-            try:
-                session.attach(path)
-                out.write(f"[attached {path}]\n")
-            except (ValueError, OSError) as err:
-                out.write(f"[error: {err}]\n")
-        elif text == "/reset":
-            session.reset()
-            out.write("[conversation reset]\n")
-        else:
-            try:
-                for piece in session.stream(text):
-                    out.write(piece)
-                    out.flush()
-            except ValueError as err:  # e.g. a prompt longer than the model's context: report, keep chatting
-                out.write(f"[error: {err}]")
-            out.write("\n")
-        out.flush()
-
-
-REQUEST_ROLES = ("system", "user", "assistant")
-
-
-def read_requests(path: str | Path) -> list[tuple[list[dict], list[str], object]]:
-    """Requests of a JSONL file: per line {"messages": [...], "images": [paths]} or {"prompt": str, "image": path},
-    each with an optional "id" that is copied to the answer.
-
-    Relative image paths are read from the JSONL file's folder. Returns [(messages, image paths, id or None)].
-    """
-    path = Path(path)
-    requests = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON ({err})") from None
-        if isinstance(record, dict) and isinstance(record.get("messages"), list):
-            messages, images, field = record["messages"], record.get("images", []), "images"
-            for i, message in enumerate(messages):
-                if not (isinstance(message, dict) and message.get("role") in REQUEST_ROLES
-                        and isinstance(message.get("content"), str)):
-                    raise ValueError(f"{path}:{number}: messages[{i}] must be an object with a 'role' "
-                                     f"({', '.join(REQUEST_ROLES)}) and a string 'content', got {message!r}")
-        elif isinstance(record, dict) and isinstance(record.get("prompt"), str):
-            messages = [{"role": "user", "content": record["prompt"]}]
-            images, field = ([record["image"]] if record.get("image") else []), "image"
-        else:
-            raise ValueError(f"{path}:{number}: expected an object with 'messages' (+ 'images') or 'prompt' (+ 'image')")
-        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-            kind = "a list of file paths" if field == "images" else "a file path"
-            raise ValueError(f"{path}:{number}: '{field}' must be {kind}")
-        requests.append((messages, [str(path.parent / p) for p in images], record.get("id")))
-    return requests
-
-
-def run_batch(model, tokenizer, requests_path: str | Path, out_path: str | Path, batch_size: int = 8, **gen) -> int:
-    """Answer every request of a JSONL file; write {"index", ["id",] "answer"} lines to `out_path`.
-
-    Returns the number of answers written.
-    """
-    from polymodal.atomic import write_text_atomic
-
-    requests = read_requests(requests_path)
-    replies = chat_batch(model, tokenizer, [(m, ims) for m, ims, _ in requests], batch_size=batch_size,
-                         progress=True, **gen)
-    lines = []
-    for index, (reply, (_, _, rid)) in enumerate(zip(replies, requests)):
-        record = {"index": index, **({"id": rid} if rid is not None else {}), "answer": reply}
-        lines.append(json.dumps(record, ensure_ascii=False))
-    write_text_atomic(out_path, "\n".join(lines) + ("\n" if lines else ""))
-    return len(lines)
-
-
-def add_cli(subparsers) -> None:
-    """Register `polymodal chat`."""
-    p = subparsers.add_parser("chat", help="chat with a (multimodal) model: one-shot, interactive, or a JSONL batch")
-    p.add_argument("model", help="polymodal checkpoint, HF folder or .gguf file")
-    p.add_argument("prompt", nargs="?", default=None, help="one-shot prompt; without it, an interactive session")
-    p.add_argument("--image", action="append", default=[], help="image file for the prompt (repeatable)")
-    p.add_argument("--system", default=None, help="system message")
-    p.add_argument("--batch", default=None, help="requests JSONL: {'messages', 'images'} or {'prompt', 'image'} per line")
-    p.add_argument("--out", default=None, help="answers JSONL (with --batch)")
-    p.add_argument("--batch-size", type=int, default=8)
-    add_sampling_arguments(p, max_new_tokens=128)
-    p.set_defaults(func=run_chat_cli)
-
-
-def run_chat_cli(args: argparse.Namespace, stdin=None, out=None) -> None:
-    """Handler of `polymodal chat` (stdin/out default to the process's streams)."""
-    from polymodal.api import load
-
-    out = out or sys.stdout
-    if args.batch and not args.out:
-        raise ValueError("polymodal chat --batch needs --out ANSWERS.jsonl")
-    if args.batch and (args.prompt or args.image):
-        raise ValueError("polymodal chat: give either --batch or a prompt/--image, not both")
-    model, tokenizer = load(args.model)
-    if tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer; `chat` needs one")
-    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-           "top_p": args.top_p, "seed": args.seed, "stop_strings": tuple(args.stop)}
-    if args.batch:
-        count = run_batch(model, tokenizer, args.batch, args.out, batch_size=args.batch_size, **gen)
-        print(f"wrote {count} answers to {args.out}", file=sys.stderr)
-        return
-    session = ChatSession(model, tokenizer, system=args.system, **gen)
-    if args.prompt is None:
-        for image in args.image:
-            session.attach(image)
-        interactive(session, stdin, out)
-        return
-    for piece in session.stream(args.prompt, images=args.image):
-        out.write(piece)
-        out.flush()
-    out.write("\n")
+            self.messages.append({"role": "assistant", "content": "".join(streamed)})

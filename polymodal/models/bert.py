@@ -25,4 +25,5 @@ def _example_batch(model: BertEncoder) -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-BERT = register(Family("bert", BertConfig, BertEncoder, bert_tiny, _example_batch))
+# A tower that other families compose (LiT's text tower); on its own it has no objective.
+BERT = register(Family("bert", BertConfig, BertEncoder, bert_tiny, _example_batch, objective=None))

@@ -17,12 +17,13 @@ of the ViT (class-token pooling) and of the text tower (one-token pooling) is co
 token alone (`last_block_at`) — identical features, and on a 4-layer tower about a fifth less
 work. CoCa needs every token and runs the full towers.
 
-Towers are pluggable: `IMAGE_TOWERS` / `TEXT_TOWERS` map a name to a builder
-`(ContrastiveConfig) -> (module, feature width)`. A tower's forward returns an object with
-`pooler_output` (B, D) and `last_hidden_state` (B, N, D). Towers defined elsewhere read their
-config kwargs from `image_tower_options` / `text_tower_options`.
+Towers come from the shared encoder table (`polymodal.encoders.table`): `image_tower` and
+`text_tower` name encoders that give a pooled feature, whose configs sit in the fields the table
+names (`vision` for the ViT, `cnn`, `efficientnet`, `text` for the transformer, `bert`). Built
+towers may also be passed in (`ContrastiveModel(config, vision_model=..., text_model=...)`, e.g.
+LiT's pretrained text tower), torchtune style.
 
-Every image tower takes the same pixels: (B, C, H, W) in [-1, 1] (`recipes.clip.pixels_from_uint8`).
+Every image tower takes the same pixels: (B, C, H, W) in [-1, 1] (`polymodal.data.pixels.pixels_from_uint8`).
 The EfficientNet tower (`EfficientNetTower`) converts them to what its ImageNet weights expect.
 
 A frozen text tower is a pure function of its tokens, so duplicate captions in a batch (class-name
@@ -30,31 +31,30 @@ templates repeat constantly: 40 distinct Fashion-MNIST captions in a batch of 25
 """
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from polymodal.encoders.convnet import ConvNet, ConvNetConfig
-from polymodal.encoders.efficientnet import EfficientNet, EfficientNetConfig, EfficientNetOutput
+from polymodal.encoders.bert import BertConfig
+from polymodal.encoders.convnet import ConvNetConfig
+from polymodal.encoders.efficientnet import EfficientNetConfig
+from polymodal.encoders.table import build_encoder, encoder_spec
 from polymodal.encoders.text import TextEncoderConfig, TextTransformer, last_block_at
 from polymodal.encoders.vit import ViTConfig, ViTOutput, VisionTransformer
-from polymodal.models.registry import Family, register
+from polymodal.models.registry import Family, Recipe, register
 from polymodal.nn.transformer import TransformerStack, build_block
-from polymodal.train.contrastive_loss import caption_loss, clip_loss, siglip_loss
 
 LOSSES = ("clip", "siglip")
 
 
 @dataclass
 class ContrastiveConfig:
-    """A dual encoder. image_tower: a key of IMAGE_TOWERS ("vit", "cnn", "efficientnet_lite0" whose
-    EfficientNetConfig kwargs are `image_tower_options`, extras); text_tower: a key
-    of TEXT_TOWERS ("transformer", "bert"). embed_dim: width of the shared space (ignored with
+    """A dual encoder. image_tower: an image encoder of the shared table with a pooled output
+    ("vit" -> `vision`, "cnn" -> `cnn`, "efficientnet_lite0" -> `efficientnet`); text_tower: a
+    text encoder ("transformer" -> `text`, "bert" -> `bert`). embed_dim: width of the shared space (ignored with
     projection=False, where both towers must already output the same width). patch_dropout:
     fraction of ViT patches dropped per image while training (FLIP-style speed-up/regulariser).
     freeze_text / freeze_image: keep that tower's weights fixed (LiT locks a pretrained tower).
@@ -63,10 +63,10 @@ class ContrastiveConfig:
     image_tower: str = "vit"
     vision: ViTConfig = field(default_factory=ViTConfig)
     cnn: ConvNetConfig = field(default_factory=ConvNetConfig)
-    image_tower_options: dict[str, Any] = field(default_factory=dict)
+    efficientnet: EfficientNetConfig = field(default_factory=lambda: EfficientNetConfig(num_classes=0))
     text_tower: str = "transformer"
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    text_tower_options: dict[str, Any] = field(default_factory=dict)
+    bert: BertConfig = field(default_factory=BertConfig)
     embed_dim: int = 512
     projection: bool = True
     loss: str = "clip"
@@ -80,6 +80,8 @@ class ContrastiveConfig:
     caption_loss_weight: float = 2.0
 
     def __post_init__(self) -> None:
+        encoder_spec(self.image_tower, "image", "ContrastiveConfig.image_tower", needs="pooled")
+        encoder_spec(self.text_tower, "text", "ContrastiveConfig.text_tower", needs="pooled")
         if self.loss not in LOSSES:
             raise ValueError(f"ContrastiveConfig.loss must be one of {LOSSES}, got {self.loss!r}")
         if not 0.0 <= self.patch_dropout < 1.0:
@@ -87,80 +89,28 @@ class ContrastiveConfig:
         if self.caption_layers < 0:
             raise ValueError(f"ContrastiveConfig.caption_layers must be >= 0, got {self.caption_layers}")
 
+    @property
+    def image_size(self) -> int:
+        """The resolution the image tower is trained and evaluated at."""
+        return getattr(self, encoder_spec(self.image_tower, "image", "image_tower").field).image_size
+
+    @property
+    def max_text_tokens(self) -> int:
+        """The longest text the text tower takes."""
+        return self.text.max_positions if self.text_tower == "transformer" else self.bert.max_position_embeddings
+
 
 @dataclass
 class ContrastiveOutput:
-    """loss: contrastive (+ weighted caption) loss; logits_per_image (B, B) / logits_per_text (B, B)
-    on this rank's pairs; image_embeds, text_embeds (B, E) normalised; caption_loss when CoCa."""
+    """logits_per_image (B, B) / logits_per_text (B, B) on this rank's pairs; image_embeds,
+    text_embeds (B, E) normalised; caption_logits (B, T', vocab) of the CoCa decoder (None
+    otherwise). The loss is `polymodal.train.objectives.contrastive_loss`."""
 
-    loss: torch.Tensor
     logits_per_image: torch.Tensor
     logits_per_text: torch.Tensor
     image_embeds: torch.Tensor
     text_embeds: torch.Tensor
-    caption_loss: torch.Tensor | None = None
-
-
-def _build_vit(config: ContrastiveConfig) -> tuple[nn.Module, int]:
-    return VisionTransformer(config.vision), config.vision.hidden_size
-
-
-def _build_cnn(config: ContrastiveConfig) -> tuple[nn.Module, int]:
-    return ConvNet(config.cnn), config.cnn.hidden_size
-
-
-class EfficientNetTower(EfficientNet):
-    """EfficientNet-Lite as a contrastive image tower: (B, C, H, W) pixels in [-1, 1] -> EfficientNetOutput.
-
-    The family's pixels ((x - 127.5) / 127.5 of 0..255 values) are mapped to the weights' own
-    normalisation ((x - 127) / 128, `EfficientNet.normalize`), grayscale (C = 1) is repeated to the
-    tower's 3 channels, and other sizes are resized (bilinear) to `config.image_size`, so the same
-    recipe and evaluation pixels (e.g. 28 px Fashion-MNIST) feed it. A subclass rather than a
-    wrapper: tensor names stay those of `EfficientNet`, which the `.pth` importer maps.
-    """
-
-    def forward(self, pixel_values: torch.Tensor) -> EfficientNetOutput:
-        x = pixel_values
-        if x.shape[1] == 1 and self.config.in_channels != 1:
-            x = x.expand(-1, self.config.in_channels, -1, -1)  # (B, 3, H, W)
-        size = self.config.image_size
-        if tuple(x.shape[-2:]) != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)  # (B, 3, S, S)
-        return super().forward(self.normalize((x + 1) / 2))
-
-
-def _build_efficientnet(config: ContrastiveConfig) -> tuple[nn.Module, int]:
-    options = {"num_classes": 0, **config.image_tower_options}
-    if options["num_classes"]:
-        raise ValueError("ContrastiveConfig.image_tower_options.num_classes must be 0 for the efficientnet_lite0 "
-                         f"tower (a feature tower has no classifier), got {options['num_classes']}")
-    tower = EfficientNetTower(EfficientNetConfig(**options))
-    return tower, tower.hidden_size
-
-
-def _build_text_transformer(config: ContrastiveConfig) -> tuple[nn.Module, int]:
-    t = config.text
-    return TextTransformer(t), (t.projection_size or t.hidden_size) if t.head else t.hidden_size
-
-
-def _build_bert(config: ContrastiveConfig) -> tuple[nn.Module, int]:
-    # Imported lazily: the BERT tower lives in its own module and is optional for this family.
-    bert = importlib.import_module("polymodal.encoders.bert")
-    tower = bert.BertEncoder(bert.BertConfig(**config.text_tower_options))
-    return tower, tower.config.hidden_size
-
-
-# name -> builder (ContrastiveConfig) -> (tower module, pooled feature width). Extend by assignment.
-IMAGE_TOWERS: dict[str, Callable[[ContrastiveConfig], tuple[nn.Module, int]]] = {
-    "vit": _build_vit, "cnn": _build_cnn, "efficientnet_lite0": _build_efficientnet}
-TEXT_TOWERS: dict[str, Callable[[ContrastiveConfig], tuple[nn.Module, int]]] = {
-    "transformer": _build_text_transformer, "bert": _build_bert}
-
-
-def _lookup(table: dict, name: str, field_name: str):
-    if name not in table:
-        raise ValueError(f"ContrastiveConfig.{field_name} {name!r} is not one of {sorted(table)}")
-    return table[name]
+    caption_logits: torch.Tensor | None = None
 
 
 def vit_tokens(vit: VisionTransformer, pixel_values: torch.Tensor, keep: float = 1.0) -> torch.Tensor:
@@ -237,16 +187,29 @@ class CaptionDecoder(nn.Module):
         return self.lm_head(self.norm(x))  # (B, T, vocab)
 
 
+def _tower(config: ContrastiveConfig, modality: str, name: str, given: nn.Module | None) -> tuple[nn.Module, int]:
+    """(tower, feature width): the given tower, or one built from the encoder table."""
+    spec = encoder_spec(name, modality, f"ContrastiveConfig.{modality}_tower", needs="pooled")
+    if given is None:
+        return build_encoder(config, spec)
+    return given, spec.width(getattr(config, spec.field))
+
+
 class ContrastiveModel(nn.Module):
-    """CLIP / SigLIP / LiT / CoCa dual encoder (see the module docstring for the layout and names)."""
+    """CLIP / SigLIP / LiT / CoCa dual encoder (see the module docstring for the layout and names).
+
+    vision_model / text_model: built towers to use instead of building them from the config (they
+    must match its `image_tower` / `text_tower` entry: a pretrained tower passed in, LiT style).
+    """
 
     family = "clip"
 
-    def __init__(self, config: ContrastiveConfig):
+    def __init__(self, config: ContrastiveConfig, vision_model: nn.Module | None = None,
+                 text_model: nn.Module | None = None):
         super().__init__()
         self.config = c = config
-        self.vision_model, image_width = _lookup(IMAGE_TOWERS, c.image_tower, "image_tower")(c)
-        self.text_model, text_width = _lookup(TEXT_TOWERS, c.text_tower, "text_tower")(c)
+        self.vision_model, image_width = _tower(c, "image", c.image_tower, vision_model)
+        self.text_model, text_width = _tower(c, "text", c.text_tower, text_model)
         if c.projection:
             self.visual_projection = nn.Linear(image_width, c.embed_dim, bias=False)
             self.text_projection = nn.Linear(text_width, c.embed_dim, bias=False)
@@ -338,7 +301,7 @@ class ContrastiveModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 captions: torch.Tensor | None = None, caption_mask: torch.Tensor | None = None) -> ContrastiveOutput:
-        """Contrastive loss of B pairs (image i, text i), gathered over ranks when distributed.
+        """Embeddings and logits of B pairs (image i, text i).
 
         pixel_values (B, C, H, W); input_ids, attention_mask (B, T). CoCa: `captions` (B, T')
         (with `caption_mask`) are the tokens to caption; None reuses input_ids / attention_mask.
@@ -352,21 +315,15 @@ class ContrastiveModel(nn.Module):
             image_pooled, text_pooled = image_out.pooler_output, text_out.pooler_output
         image_embeds = F.normalize(self.visual_projection(image_pooled), dim=-1)  # (B, E)
         text_embeds = F.normalize(self.text_projection(text_pooled), dim=-1)  # (B, E)
-        scale = self.scale()
-        if self.config.loss == "siglip":
-            loss = siglip_loss(image_embeds, text_embeds, scale, self.logit_bias)
-        else:
-            loss = clip_loss(image_embeds, text_embeds, scale)
         logits_per_image = self.logits(image_embeds, text_embeds)
-        cap_loss = None
+        caption_logits = None
         if self.caption_decoder is not None:
             if captions is None:
-                captions, caption_mask, states = input_ids, attention_mask, text_out.last_hidden_state
+                states = text_out.last_hidden_state
             else:
                 states = self.text_model(captions, attention_mask=caption_mask).last_hidden_state
-            cap_loss = caption_loss(self.caption_decoder(states, image_out.last_hidden_state), captions, caption_mask)
-            loss = loss + self.config.caption_loss_weight * cap_loss
-        return ContrastiveOutput(loss, logits_per_image, logits_per_image.t(), image_embeds, text_embeds, cap_loss)
+            caption_logits = self.caption_decoder(states, image_out.last_hidden_state)  # (B, T', vocab)
+        return ContrastiveOutput(logits_per_image, logits_per_image.t(), image_embeds, text_embeds, caption_logits)
 
 
 def clip_tiny() -> ContrastiveConfig:
@@ -380,10 +337,17 @@ def clip_tiny() -> ContrastiveConfig:
 
 def _example_batch(model: ContrastiveModel) -> dict:
     c = model.config
-    size = c.vision.image_size if c.image_tower == "vit" else c.cnn.image_size
+    size = c.image_size
     ids = torch.randint(0, c.text.vocab_size - 1, (3, 10))
     ids[:, -1] = c.text.eos_token_id
     return {"pixel_values": torch.randn(3, 3, size, size), "input_ids": ids}
 
 
-CLIP = register(Family("clip", ContrastiveConfig, ContrastiveModel, clip_tiny, _example_batch))
+CLIP = register(Family(
+    "clip", ContrastiveConfig, ContrastiveModel, clip_tiny, _example_batch,
+    objective="polymodal.train.objectives:contrastive_loss",
+    tasks=("embed",),
+    recipes=(Recipe("clip", "polymodal.recipes.clip:ClipRecipeConfig", "polymodal.recipes.clip:clip_job",
+                   outputs=("eval.json",)),),
+    evaluate="polymodal.eval.contrastive:evaluate",
+))

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from polymodal.backbones.decoder import DecoderConfig, DecoderLM
-from polymodal.models.registry import Family, register
+from polymodal.models.registry import Family, Recipe, register
+from polymodal.sequence import Document, PackedBatch, pack_documents
 
 
 def lm_tiny() -> DecoderConfig:
@@ -26,9 +27,16 @@ def smollm2_135m() -> DecoderConfig:
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
 
 
-def _example_batch(model: DecoderLM) -> dict:
-    ids = torch.randint(0, model.config.vocab_size, (2, 12))
-    return {"input_ids": ids, "labels": ids}
+def _example_batch(model: DecoderLM) -> PackedBatch:
+    """Two random documents of 12 and 7 tokens packed into one row."""
+    docs = [Document.from_tokens(torch.randint(0, model.config.vocab_size, (n,))) for n in (12, 7)]
+    return pack_documents(docs, max_tokens=32)
 
 
-LM = register(Family("lm", DecoderConfig, DecoderLM, lm_tiny, _example_batch))
+LM = register(Family(
+    "lm", DecoderConfig, DecoderLM, lm_tiny, _example_batch,
+    objective="polymodal.train.objectives:sequence_loss",
+    tasks=("complete", "chat"),
+    recipes=(Recipe("lm", "polymodal.recipes.lm:LMRecipeConfig", "polymodal.recipes.lm:lm_job"),),
+    evaluate="polymodal.eval.lm:evaluate",
+))

@@ -15,18 +15,14 @@ import torch.nn as nn
 
 from polymodal.backbones.decoder import DecoderConfig, DecoderLM, LMOutput
 from polymodal.data.conversation import IMAGE_MARKER
-from polymodal.encoders.convnet import ConvNet, ConvNetConfig
-from polymodal.encoders.gridpool import GridPoolConfig, GridPoolConvNet
-from polymodal.encoders.vit import ViTConfig, VisionTransformer
-from polymodal.models.registry import Family, register
+from polymodal.encoders.convnet import ConvNetConfig
+from polymodal.encoders.gridpool import GridPoolConfig
+from polymodal.encoders.table import build_encoder, encoder_config, encoder_spec
+from polymodal.encoders.vit import ViTConfig
+from polymodal.models.registry import Family, Recipe, register
 from polymodal.nn.lora import LoRAConfig, apply_lora, lora_parameters, token_gated_lora
 from polymodal.projectors import ProjectorConfig, build_projector
-from polymodal.sequence import PackedBatch
-
-
-# vision_tower name -> the tower's class; its config is the MMLLMConfig field of the same name ("vit": `vision`).
-TOWER_CLASSES = {"vit": VisionTransformer, "cnn": ConvNet, "gridpool": GridPoolConvNet}
-VISION_TOWERS = tuple(TOWER_CLASSES)
+from polymodal.sequence import Document, PackedBatch, Segment, pack_documents
 
 
 @dataclass
@@ -34,7 +30,8 @@ class MMLLMConfig:
     """vision / lm / projector sub-configs; which ViT layer feeds the projector and whether its
     class token is dropped (LLaVA: layer -2, patches only); the `<image>` placeholder token id.
 
-    vision_tower: "vit" (`vision`, the ViT / CLIP / SigLIP layout), "cnn" (`cnn`, the
+    vision_tower: an image encoder of the shared table (`polymodal.encoders.table`) that gives a
+    token grid: "vit" (`vision`, the ViT / CLIP / SigLIP layout), "cnn" (`cnn`, the
     contrastive family's convolutional tower, whose final feature map is the token grid) or
     "gridpool" (`gridpool`, one convolution pooled into a token per grid cell; the quickstart's
     fixed-feature tower). The convolutional towers have no layers to select, so
@@ -64,8 +61,7 @@ class MMLLMConfig:
 
         if self.image_preset not in PRESETS:
             raise ValueError(f"MMLLMConfig.image_preset must be one of {PRESETS}, got {self.image_preset!r}")
-        if self.vision_tower not in VISION_TOWERS:
-            raise ValueError(f"MMLLMConfig.vision_tower must be one of {VISION_TOWERS}, got {self.vision_tower!r}")
+        encoder_config(self, encoder_spec(self.vision_tower, "image", "MMLLMConfig.vision_tower", needs="tokens"))
         if self.vision_tower != "vit" and self.vision_feature_layer != -1:
             raise ValueError(f"MMLLMConfig: the {self.vision_tower} vision tower only has its final feature map; "
                              f"set vision_feature_layer to -1 (got {self.vision_feature_layer})")
@@ -77,7 +73,7 @@ class MMLLMConfig:
     @property
     def tower(self) -> ViTConfig | ConvNetConfig | GridPoolConfig:
         """The config of the selected vision tower."""
-        return getattr(self, "vision" if self.vision_tower == "vit" else self.vision_tower)
+        return encoder_config(self, encoder_spec(self.vision_tower, "image", "MMLLMConfig.vision_tower"))
 
     @property
     def image_size(self) -> int:
@@ -97,16 +93,23 @@ class MMLLMConfig:
 
 
 class MultimodalLM(nn.Module):
-    """Encoder + projector + LM. Call like transformers' LLaVA: (input_ids (B, T), pixel_values (N, C, H, W)) -> logits (B, T, V)."""
+    """Encoder + projector + LM. Call like transformers' LLaVA: (input_ids (B, T), pixel_values (N, C, H, W)) -> logits (B, T, V).
+
+    vision / lm / projector: built parts to use instead of building them from the config
+    (torchtune style: a recipe passes in an imported LM or a trained tower); each must match the
+    config (`config.lm` describes the LM passed in).
+    """
 
     family = "mmllm"
 
-    def __init__(self, config: MMLLMConfig):
+    def __init__(self, config: MMLLMConfig, vision: nn.Module | None = None, lm: DecoderLM | None = None,
+                 projector: nn.Module | None = None):
         super().__init__()
         self.config = config
-        self.vision = build_vision_tower(config)
-        self.lm = DecoderLM(config.lm)
-        self.projector = build_projector(config.projector, config.vision_width, config.lm.hidden_size)
+        self.vision = vision if vision is not None else build_vision_tower(config)
+        self.lm = lm if lm is not None else DecoderLM(config.lm)
+        self.projector = projector if projector is not None else build_projector(
+            config.projector, config.vision_width, config.lm.hidden_size)
         lora = config.image_lora
         if lora.rank:
             apply_lora(self.lm, lora.targets, lora.rank, lora.alpha, lora.dropout, freeze_base=False)
@@ -159,8 +162,8 @@ class MultimodalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                packed: PackedBatch | None = None, kv_cache=None, labels: torch.Tensor | None = None,
-                logits_to_keep: int = 0, loss_only: bool = False, inputs_embeds: torch.Tensor | None = None,
+                packed: PackedBatch | None = None, kv_cache=None, logits_to_keep: int = 0, logits: bool = True,
+                inputs_embeds: torch.Tensor | None = None,
                 image_mask: torch.Tensor | None = None, **projector_inputs) -> LMOutput:
         """Run the model; see `DecoderLM.forward` for the LM arguments.
 
@@ -179,8 +182,7 @@ class MultimodalLM(nn.Module):
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values, padding, **projector_inputs)
         lm_inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "positions": positions,
-                     "packed": packed, "kv_cache": kv_cache, "labels": labels, "logits_to_keep": logits_to_keep,
-                     "loss_only": loss_only}
+                     "packed": packed, "kv_cache": kv_cache, "logits_to_keep": logits_to_keep, "logits": logits}
         if not self.config.image_lora.rank:
             return self.lm(**lm_inputs)
         if image_mask is None:
@@ -190,6 +192,14 @@ class MultimodalLM(nn.Module):
             image_mask = self.image_slots(input_ids, padding)
         with token_gated_lora(self.lm, image_mask):
             return self.lm(**lm_inputs)
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head: hidden states (..., D) -> logits (..., V). The positions it scores are text
+        positions, which image-position adapters never touch, so any adapters stay off here."""
+        if not self.config.image_lora.rank:
+            return self.lm.output_logits(hidden)
+        with token_gated_lora(self.lm, torch.zeros(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)):
+            return self.lm.output_logits(hidden)
 
     def new_kv_cache(self, batch_size: int, max_len: int):
         """An empty KV cache for the LM."""
@@ -222,7 +232,7 @@ class MultimodalLM(nn.Module):
 
 def build_vision_tower(config: MMLLMConfig) -> nn.Module:
     """The vision tower `config.vision_tower` selects, freshly initialised."""
-    return TOWER_CLASSES[config.vision_tower](config.tower)
+    return build_encoder(config, encoder_spec(config.vision_tower, "image", "MMLLMConfig.vision_tower"))[0]
 
 
 def tower_features(tower: nn.Module, config: MMLLMConfig, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -260,12 +270,24 @@ def mmllm_tiny_for(tokenizer) -> MMLLMConfig:
     return size_to_tokenizer(mmllm_tiny(), tokenizer)
 
 
-def _example_batch(model: MultimodalLM) -> dict:
+def _example_batch(model: MultimodalLM) -> PackedBatch:
+    """Two chats (prompt, image, answer) packed into one row; the answers are the targets."""
     c = model.config
-    ids = torch.randint(0, c.lm.vocab_size - 1, (2, 6 + model.image_tokens))
-    ids[:, 2:2 + model.image_tokens] = c.image_token_id
-    size = c.image_size
-    return {"input_ids": ids, "pixel_values": torch.randn(2, 3, size, size)}
+    size, docs = c.image_size, []
+    for prompt, answer in ((2, 4), (3, 2)):
+        docs.append(Document([
+            Segment("text", tokens=torch.randint(0, c.lm.vocab_size - 1, (prompt,)), target=None),
+            Segment("image", tokens=[c.image_token_id] * model.image_tokens, data=torch.randn(3, size, size),
+                    target=None),
+            Segment("text", tokens=torch.randint(0, c.lm.vocab_size - 1, (answer,)))]))
+    return pack_documents(docs, max_tokens=2 * (model.image_tokens + 8))
 
 
-MMLLM = register(Family("mmllm", MMLLMConfig, MultimodalLM, mmllm_tiny, _example_batch))
+MMLLM = register(Family(
+    "mmllm", MMLLMConfig, MultimodalLM, mmllm_tiny, _example_batch,
+    objective="polymodal.train.objectives:sequence_loss",
+    tasks=("complete", "chat"),
+    recipes=(Recipe("mmllm", "polymodal.recipes.mmllm:MMLLMRecipeConfig", "polymodal.recipes.mmllm:mmllm_job",
+                   outputs=("base_text_answers.json", "retention.json")),),
+    evaluate="polymodal.eval.mmllm:evaluate",
+))

@@ -24,4 +24,5 @@ def _example_batch(model: VisionTransformer) -> dict:
     return {"pixel_values": torch.randn(2, model.config.num_channels, size, size)}
 
 
-VIT = register(Family("vit", ViTConfig, VisionTransformer, vit_tiny, _example_batch))
+# A tower that other families compose; on its own it has no objective and serves no task.
+VIT = register(Family("vit", ViTConfig, VisionTransformer, vit_tiny, _example_batch, objective=None))

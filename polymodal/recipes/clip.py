@@ -1,11 +1,15 @@
 """Recipe `clip`: train a contrastive dual encoder (CLIP / SigLIP / LiT / CoCa) on image-caption pairs.
 
-Data sources:
-- "world": single-object shapes-world scenes rendered on the fly (scene i of the train split is
-  drawn once, so the stream never repeats), each paired with one of its caption templates
-  (short ones name color and shape; detailed ones add size, position and background);
+Data (`data.source`, or several weighted sources in `data.mix`):
+- "world": single-object (or `num_objects`) shapes-world scenes rendered on the fly (scene i of
+  the train split is drawn once, so the stream never repeats), each paired with one of its
+  caption templates (short ones name color and shape; detailed ones add size, position and
+  background);
 - "fashion-mnist": the Fashion-MNIST train split, captioned "a photo of a {class}" and a few
-  other class-name templates.
+  other class-name templates;
+- a user's files (`data.path`, `data.image_root`): "coco" captions, "webdataset" shards,
+  "folder" (one folder per class), "pairs" (JSONL/CSV) — see `polymodal.data.sources`; bad
+  records are counted skips (`data.strict: true` makes them errors).
 Batch i is a pure function of i (`IndexedBatches`), so runs resume exactly. Text is tokenized
 with the world tokenizer, an end-of-text token appended (the text tower pools there).
 
@@ -16,44 +20,61 @@ ImageNet weights into the "efficientnet_lite0" image tower ("efficientnet-lite0"
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
-from polymodal.config import config_to_yaml, load_config
+from polymodal.atomic import write_text_atomic
+from polymodal.data.dual_encoder import PairBatches, pixels_from_uint8, tokenize_captions
+from polymodal.data.sources import CLASS_TEMPLATES, IMAGE_TEXT_SOURCES, Mixture, SourceConfig, image_text_items
 from polymodal.data.world.text import captions_of, check_caption_styles
+from polymodal.errors import ConfigError
 from polymodal.models.contrastive import ContrastiveConfig, ContrastiveModel
+from polymodal.recipes.runner import TrainingJob
 from polymodal.train.data import IndexedBatches
-from polymodal.train.loop import TrainConfig, TrainResult, train
+from polymodal.train.loop import TrainConfig
+from polymodal.train.objectives import contrastive_loss
 
-SOURCES = ("world", "fashion-mnist")
-FASHION_TEMPLATES = ("a photo of a {}", "a picture of a {}", "an image of a {}", "a {}")
+SOURCES = ("world", "fashion-mnist", *IMAGE_TEXT_SOURCES)
 
 
 @dataclass
 class ClipDataConfig:
-    """source: "world" or "fashion-mnist"; batch_size: pairs per step (the contrastive batch);
+    """source: one of SOURCES, with `path` / `image_root` / `strict` for a file source (see the
+    module docstring); mix: several weighted sources instead (not "world"), e.g.
+    [{source: coco, path: a.json, weight: 2}, {source: fashion-mnist}];
+    batch_size: pairs per step (the contrastive batch);
     caption_styles (world): which caption templates to draw from (`polymodal.data.world.text`
     styles: "short", "detailed", "grounded", "located"); background (world): "plain" | "noise" |
     "texture" | "mixed"; num_objects (world): (min, max) objects per scene — more than one trains
     a tower whose feature map tells several objects apart (an MM-LLM's vision tower, `vision_from`)."""
 
     source: str = "world"
+    path: str | None = None
+    image_root: str | None = None
+    strict: bool = False
+    mix: list[SourceConfig] = field(default_factory=list)
     batch_size: int = 128
     caption_styles: list[str] = field(default_factory=lambda: ["short", "detailed"])
     background: str = "plain"
     num_objects: tuple[int, int] = (1, 1)
 
     def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"ClipDataConfig.source must be one of {SOURCES}, got {self.source!r}")
+        for i, source in enumerate(self.sources()):
+            source.check(SOURCES, f"data.mix[{i}]" if self.mix else "data")
+            if self.mix and source.source == "world":
+                raise ConfigError(f"data.mix[{i}]: the world streams new scenes forever and cannot be mixed; "
+                                  "export it (`polymodal world export`) to mix it with other sources")
         if self.batch_size < 2:
             raise ValueError(f"ClipDataConfig.batch_size must be >= 2 (a contrastive batch), got {self.batch_size}")
+
+
+    def sources(self) -> list[SourceConfig]:
+        """The configured sources: `mix`, or the single `source`."""
+        return list(self.mix) or [SourceConfig(self.source, self.path, self.image_root, 1.0, self.strict)]
 
 
 @dataclass
@@ -72,6 +93,13 @@ class ClipRecipeConfig:
     text_init_from: str | None = None
     image_init_from: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.eval_n < 0:
+            raise ConfigError(f"eval_n must be >= 0, got {self.eval_n}")
+        if self.eval_n and (self.data.mix or self.data.source not in ("world", "fashion-mnist")):
+            raise ConfigError("eval_n evaluates on the world or Fashion-MNIST (zero-shot and retrieval with known "
+                              "answers): set data.source to one of them, or eval_n: 0")
+
 
 def packaged_weights(name: str) -> Path:
     """The path a `*_init_from` value names: a packaged asset ("minilm", "efficientnet-lite0") or a path."""
@@ -79,34 +107,6 @@ def packaged_weights(name: str) -> Path:
 
     packaged = {"minilm": assets.minilm_dir, "efficientnet-lite0": assets.efficientnet_lite0_pth_path}
     return packaged[name]() if name in packaged else Path(name)
-
-
-def tokenize_captions(tokenizer, texts: Sequence[str], max_tokens: int,
-                      special_tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded token ids and mask: (input_ids (N, T), attention_mask (N, T)), T <= max_tokens.
-
-    special_tokens=False (our text tower): the plain ids + eos, where the tower pools; cut captions
-    keep the eos last. True (a pretrained BERT tower): the tokenizer's own special tokens
-    ([CLS] ... [SEP]), as the tower was trained with.
-    """
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    if special_tokens:
-        rows = [ids[:max_tokens] for ids in tokenizer.encode_batch(list(texts), add_special_tokens=True)]
-    else:
-        rows = [ids[:max_tokens - 1] + [eos] for ids in tokenizer.encode_batch(list(texts))]
-    length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), pad if pad is not None else eos, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, :len(row)] = torch.tensor(row)
-        mask[i, :len(row)] = 1
-    return input_ids, mask
-
-
-def pixels_from_uint8(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, C) or (N, H, W) -> float (N, C, H, W) in [-1, 1] (mean 0.5, std 0.5)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(127.5).sub_(1.0)
-    return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
 
 
 class WorldPairs:
@@ -136,38 +136,55 @@ class WorldPairs:
         return {"pixel_values": pixels, "input_ids": input_ids, "attention_mask": mask}
 
 
-class FashionPairs:
-    """batch_fn for Fashion-MNIST: batch i draws B train images (epoch-wise permutation) and templates."""
+class FashionItems:
+    """Fashion-MNIST `split` as map-style (28 x 28 uint8 image, captions) items, captions from
+    CLASS_TEMPLATES filled with the item's class name."""
 
-    def __init__(self, tokenizer, batch_size: int, max_tokens: int, split: str = "train", seed: int = 0,
-                 special_tokens: bool = False):
+    def __init__(self, split: str = "train") -> None:
         from polymodal.data.formats.idx import FASHION_MNIST_CLASSES, FashionMNIST
 
         data = FashionMNIST(split)
         self.images, self.labels = data.images, data.labels.astype(np.int64)
-        self.tokenizer, self.batch_size, self.max_tokens, self.seed = tokenizer, batch_size, max_tokens, seed
-        self.special_tokens = special_tokens
-        self.names = [name.lower() for name in FASHION_MNIST_CLASSES]
+        self.captions = [[t.format(name.lower()) for t in CLASS_TEMPLATES] for name in FASHION_MNIST_CLASSES]
 
-    def __call__(self, index: int) -> dict:
-        per_epoch = len(self.images) // self.batch_size
-        epoch, offset = divmod(index, per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
-        idx = order[offset * self.batch_size:(offset + 1) * self.batch_size]
-        rng = np.random.default_rng([self.seed, index, 11])
-        texts = [FASHION_TEMPLATES[int(rng.integers(len(FASHION_TEMPLATES)))].format(self.names[label])
-                 for label in self.labels[idx]]
-        input_ids, mask = tokenize_captions(self.tokenizer, texts, self.max_tokens, self.special_tokens)
-        return {"pixel_values": pixels_from_uint8(self.images[idx]), "input_ids": input_ids, "attention_mask": mask}
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.captions[self.labels[index]]
 
 
-def image_size_of(config: ContrastiveConfig) -> int:
-    """The training resolution of the configured image tower."""
-    if config.image_tower == "efficientnet_lite0":
-        from polymodal.encoders.efficientnet import EfficientNetConfig
+class MixedItems:
+    """Map-style items of several sources laid out by a `Mixture` of their weights."""
 
-        return int(config.image_tower_options.get("image_size", EfficientNetConfig.image_size))
-    return config.cnn.image_size if config.image_tower == "cnn" else config.vision.image_size
+    def __init__(self, sources: Sequence, weights: Sequence[float]) -> None:
+        self.sources, self.mixture = list(sources), Mixture([len(s) for s in sources], weights)
+
+    def __len__(self) -> int:
+        return len(self.mixture)
+
+    def __getitem__(self, index: int):
+        k, j = self.mixture.locate(index)
+        return self.sources[k][j]
+
+
+class _LoadedItems:
+    """`image_text_items` as (PIL image, captions) items (images load when an item is read)."""
+
+    def __init__(self, items) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        item = self.items[index]
+        return item.image(), item.captions
+
+
+def source_items(source: SourceConfig):
+    """The map-style (image, captions) items of one non-world source."""
+    return FashionItems() if source.source == "fashion-mnist" else _LoadedItems(image_text_items(source))
 
 
 def load_image_tower(model: ContrastiveModel, source: str) -> None:
@@ -180,7 +197,7 @@ def load_image_tower(model: ContrastiveModel, source: str) -> None:
     from polymodal.interop.efficientnet_pth import efficientnet_state_from_pth, read_pth_state_dict
 
     if model.config.image_tower != "efficientnet_lite0":
-        raise ValueError(f"image_init_from needs model.image_tower 'efficientnet_lite0', got {model.config.image_tower!r}")
+        raise ConfigError(f"image_init_from needs model.image_tower 'efficientnet_lite0', got {model.config.image_tower!r}")
     path = str(packaged_weights(source))
     state = efficientnet_state_from_pth(read_pth_state_dict(path), model.vision_model, path)
     load_state_dict_checked(model.vision_model, state, path)
@@ -189,9 +206,9 @@ def load_image_tower(model: ContrastiveModel, source: str) -> None:
 def build_clip_and_tokenizer(config: ClipRecipeConfig):
     """A fresh model and its tokenizer.
 
-    The transformer text tower uses the world tokenizer. The bert tower (LiT) loads a pretrained
-    encoder and its tokenizer from `text_init_from` with `polymodal.load` (an HF BERT/MiniLM
-    folder), takes its config as `text_tower_options` and its weights into `text_model`.
+    The transformer text tower uses the world tokenizer. The bert tower (LiT) is a pretrained
+    encoder loaded with its tokenizer from `text_init_from` (an HF BERT/MiniLM folder, or
+    "minilm"); its config becomes `model.bert` and the built tower is passed into the model.
     `image_init_from` then fills the image tower (`load_image_tower`).
     """
     model_config = config.model
@@ -204,63 +221,51 @@ def build_clip_and_tokenizer(config: ClipRecipeConfig):
         model_config.text.legacy_eos_argmax = False  # the world tokenizer's eos id is 2: no legacy rule
         model = ContrastiveModel(model_config)
     elif not config.text_init_from:
-        raise ValueError(f"text_tower {model_config.text_tower!r} needs `text_init_from` (a pretrained folder "
-                         "holding the tower and its tokenizer, or 'minilm')")
+        raise ConfigError(f"text_tower {model_config.text_tower!r} needs `text_init_from` (a pretrained folder "
+                          "holding the tower and its tokenizer, or 'minilm')")
     else:
         from polymodal.api import load
 
         tower, tokenizer = load(packaged_weights(config.text_init_from))
-        model_config.text_tower_options = dataclasses.asdict(tower.config)
-        model = ContrastiveModel(model_config)
-        model.text_model.load_state_dict(tower.state_dict())
+        model_config.bert = tower.config
+        model = ContrastiveModel(model_config, text_model=tower.train())
     if config.image_init_from:
         load_image_tower(model, config.image_init_from)
     return model, tokenizer
 
 
-def max_text_tokens(model: ContrastiveModel) -> int:
-    """The longest text the model's text tower takes."""
-    c = model.config
-    if c.text_tower == "transformer":
-        return c.text.max_positions
-    options = c.text_tower_options
-    return int(options.get("max_position_embeddings", options.get("max_positions", 512)))
-
-
-def clip_batches(config: ClipRecipeConfig, model: ContrastiveModel, tokenizer) -> IndexedBatches:
+def clip_batches(config: ClipRecipeConfig, tokenizer) -> IndexedBatches:
     """The resumable training stream for `config.data`."""
-    d, special = config.data, config.model.text_tower != "transformer"
-    if d.source == "world":
-        fn = WorldPairs(tokenizer, d.batch_size, image_size_of(config.model), max_text_tokens(model),
-                        d.caption_styles, d.background, seed=config.train.seed, special_tokens=special,
-                        num_objects=d.num_objects)
+    d, c = config.data, config.model
+    special = c.text_tower != "transformer"  # pretrained towers keep their special tokens
+    if d.source == "world" and not d.mix:
+        fn = WorldPairs(tokenizer, d.batch_size, c.image_size, c.max_text_tokens, d.caption_styles, d.background,
+                        seed=config.train.seed, special_tokens=special, num_objects=d.num_objects)
     else:
-        fn = FashionPairs(tokenizer, d.batch_size, max_text_tokens(model), seed=config.train.seed,
-                          special_tokens=special)
+        sources = d.sources()
+        items = [source_items(s) for s in sources]
+        channels = c.cnn.num_channels if c.image_tower == "cnn" else 3
+        fn = PairBatches(items[0] if len(items) == 1 else MixedItems(items, [s.weight for s in sources]), tokenizer,
+                         d.batch_size, c.image_size, channels, c.max_text_tokens, seed=config.train.seed,
+                         special_tokens=special)
     return IndexedBatches(fn)
 
 
-def train_clip(config: ClipRecipeConfig) -> tuple[ContrastiveModel, object, TrainResult]:
-    """Train per `config`; returns (model, tokenizer, TrainResult). Checkpoints go to train.out_dir."""
+def clip_job(config: ClipRecipeConfig) -> TrainingJob:
+    """The `clip` recipe's training job; with `eval_n`, the evaluation is written to eval.json after training."""
     model, tokenizer = build_clip_and_tokenizer(config)
-    batches = clip_batches(config, model, tokenizer)
+    batches = clip_batches(config, tokenizer)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"training {params / 1e6:.2f}M parameters on {config.data.source} pairs, batch {config.data.batch_size}")
-    result = train(model, batches, lambda m, batch: m(**batch).loss, config.train, tokenizer=tokenizer)
-    if config.train.out_dir:
-        out = Path(config.train.out_dir)
-        (out / "recipe.yaml").write_text(config_to_yaml(config))
-        if config.eval_n:
-            from polymodal.eval.contrastive import evaluate_cli
+    names = "+".join(s.source for s in config.data.sources())
+    print(f"training {params / 1e6:.2f}M parameters on {names} pairs, batch {config.data.batch_size}")
 
-            data = "world" if config.data.source == "world" else "fashion-mnist"
-            metrics = evaluate_cli(model, tokenizer, data=data, split=config.eval_split, n=config.eval_n)
-            (out / "eval.json").write_text(json.dumps(metrics, indent=2))
-            print(json.dumps(metrics, indent=2))
-    return model, tokenizer, result
+    def evaluate(model: ContrastiveModel, out: Path | None) -> None:
+        from polymodal.eval.contrastive import evaluate
 
+        metrics = evaluate(model, tokenizer, data=config.data.source, split=config.eval_split, n=config.eval_n)
+        print(json.dumps(metrics, indent=2))
+        if out is not None:
+            write_text_atomic(out / "eval.json", json.dumps(metrics, indent=2))
 
-def run_clip_recipe(path: str | Path, overrides: Sequence[str] = ()) -> TrainResult:
-    """`polymodal train` entry for recipe `clip`."""
-    config = load_config(ClipRecipeConfig, path, overrides)
-    return train_clip(config)[2]
+    return TrainingJob(model, batches, contrastive_loss, tokenizer=tokenizer,
+                       after=evaluate if config.eval_n else None)

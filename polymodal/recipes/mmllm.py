@@ -1,22 +1,24 @@
-"""Recipe `mmllm`: two-stage LLaVA-style training of a multimodal LM on the shapes world.
+"""Recipe `mmllm`: two-stage LLaVA-style training of a multimodal LM on the shapes world or a user's data.
 
 - stage "align": image -> caption chats; by default only the projector trains (vision tower and
   LM frozen), as in LLaVA's feature-alignment pre-training. From-scratch models list more parts
   in `trainable` (nothing is pretrained, so everything must learn).
 - stage "instruct": multi-turn visual chats, loss only on the assistant turns; the projector and
   the LM train, the LM fully or through LoRA adapters (`lora.rank > 0`).
-Every step packs whole conversations padding-free (`pack_documents`); `init_from` continues
+Data (`data.source`, or weighted sources in `data.mix`): the shapes world, or a user's LLaVA
+conversation JSON, COCO captions or WebDataset shards (`data.path`, `data.image_root`), see
+`polymodal.data.chat_documents`. Every step packs whole conversations padding-free (`pack_documents`); `init_from` continues
 from a previous stage's checkpoint. The LM is either fresh on the world tokenizer or imported
 from a GGUF file (`lm_from: smollm2` = SmolLM2-135M-Instruct), which then gets an `<image>`
 special token and one more embedding row.
 
-Outputs under `train.out_dir`: training checkpoints, metrics, loss.png, recipe.yaml, and
-`final/` — the model checkpoint (LoRA merged; image-position adapters kept) that `polymodal.load` reads.
+Outputs under `train.out_dir` (`polymodal.recipes.runner`): training checkpoints, metrics,
+loss.png, recipe.yaml, and `final/` — the model checkpoint (LoRA merged; image-position adapters
+kept) that `polymodal.load` reads.
 """
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -25,16 +27,21 @@ import torch
 import torch.nn as nn
 
 from polymodal.atomic import write_text_atomic
-from polymodal.config import config_to_yaml, load_config
-from polymodal.data.conversation import IMAGE_MARKER, ImageProcessor, conversation_document
+from polymodal.data.chat_documents import file_documents, mixed_documents, with_text_replay, world_documents
+from polymodal.data.conversation import IMAGE_MARKER, ImageProcessor
+from polymodal.data.sources import SourceConfig
+from polymodal.errors import ConfigError
 from polymodal.models.mmllm import MMLLMConfig, MultimodalLM, size_to_tokenizer
 from polymodal.nn.lora import LoRAConfig, apply_lora, merge_lora
+from polymodal.recipes.runner import TrainingJob
 from polymodal.recipes.seen_tokens import SEEN_TOKENS_FILE, SeenTokens, recorded_in, reinit_unseen_tokens
-from polymodal.sequence import Document, pack_documents
+from polymodal.sequence import pack_documents
 from polymodal.train.data import ShuffledBatches
-from polymodal.train.loop import TrainConfig, TrainResult, train
+from polymodal.train.loop import TrainConfig
+from polymodal.train.objectives import sequence_loss
 
 STAGES = ("align", "instruct")
+SOURCES = ("world", "llava", "coco", "webdataset")
 PARTS = ("vision", "projector", "lm")
 DEFAULT_TRAINABLE = {"align": ["projector"], "instruct": ["projector", "lm"]}
 # Token budget of a recorded replay answer; answers that do not end within it are left out.
@@ -43,8 +50,12 @@ REPLAY_ANSWER_TOKENS = 96
 
 @dataclass
 class MMLLMDataConfig:
-    """The shapes-world data of a stage.
+    """The data of a stage.
 
+    source: "world" (default), or a user's file source — "llava", "coco", "webdataset" — with
+    `path`, `image_root` and `strict` (a bad record is an error, not a counted skip); mix:
+    several weighted sources instead, e.g. [{source: llava, path: a.json, weight: 2}, {source: world}]
+    (`polymodal.data.sources.SourceConfig`). The rest shapes the world's chats:
     num_scenes: train scenes cycled through; num_objects / background: the world's options;
     turns: user turns per chat (instruct); describe (instruct): share of the chats whose first
     turn asks for a description (the other turns are questions); describe_styles (instruct): the
@@ -58,6 +69,11 @@ class MMLLMDataConfig:
     before the stage starts, so a pretrained LM keeps answering text as it did.
     """
 
+    source: str = "world"
+    path: str | None = None
+    image_root: str | None = None
+    strict: bool = False
+    mix: list[SourceConfig] = field(default_factory=list)
     num_scenes: int = 20000
     num_objects: tuple[int, int] = (1, 3)
     background: str = "plain"
@@ -81,6 +97,15 @@ class MMLLMDataConfig:
 
         text.check_caption_styles(self.caption_styles, "MMLLMDataConfig.caption_styles")
         text.check_caption_styles(self.describe_styles, "MMLLMDataConfig.describe_styles")
+        for i, source in enumerate(self.sources()):
+            source.check(SOURCES, f"data.mix[{i}]" if self.mix else "data")
+        for name in ("num_scenes", "turns", "docs_per_batch", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+
+    def sources(self) -> list[SourceConfig]:
+        """The configured sources: `mix`, or the single `source`."""
+        return list(self.mix) or [SourceConfig(self.source, self.path, self.image_root, 1.0, self.strict)]
 
 
 @dataclass
@@ -168,7 +193,7 @@ def _import_lm(source: str):
 
         source = str(smollm2_gguf_path())
     if not source.endswith(".gguf"):
-        raise ValueError(f"mmllm recipe: lm_from must be 'smollm2' or a .gguf file, got {source!r}")
+        raise ConfigError(f"mmllm recipe: lm_from must be 'smollm2' or a .gguf file, got {source!r}")
     return import_gguf(source, dtype=torch.float32)
 
 
@@ -179,7 +204,7 @@ def build_mmllm(config: MMLLMRecipeConfig) -> tuple[MultimodalLM, object]:
 
         model, tokenizer = load(config.init_from)
         if getattr(model, "family", None) != "mmllm":
-            raise ValueError(f"mmllm recipe: init_from {config.init_from} holds a {model.family!r} model, not mmllm")
+            raise ConfigError(f"mmllm recipe: init_from {config.init_from} holds a {model.family!r} model, not mmllm")
         return model.train(), tokenizer
     tower = None
     if config.vision_from:
@@ -198,12 +223,7 @@ def build_mmllm(config: MMLLMRecipeConfig) -> tuple[MultimodalLM, object]:
 
         tokenizer = world_tokenizer()
         size_to_tokenizer(model_config, tokenizer)
-    model = MultimodalLM(model_config)
-    if lm is not None:
-        model.lm = lm
-    if tower is not None:
-        model.vision.load_state_dict(tower.state_dict())
-    return model, tokenizer
+    return MultimodalLM(model_config, vision=tower, lm=lm), tokenizer
 
 
 def vision_tower_from(source: str) -> tuple[dict, nn.Module]:
@@ -252,74 +272,42 @@ def set_trainable(model: MultimodalLM, parts: Sequence[str], lora: LoRAConfig) -
 
 # ----------------------------------------------------------------------------------------- data
 
-def world_documents(stage: str, tokenizer, processor: ImageProcessor, world, image_token_id: int,
-                    image_tokens: int, turns: int, caption_styles: Sequence[str], describe: float = 0.5,
-                    question_weights: dict[str, int] | None = None, describe_styles: Sequence[str] = ("detailed",)):
-    """A function index -> Document over `world`'s scenes: caption chats (align, one template of
-    `caption_styles` per scene) or QA chats (instruct: `turns` user turns, the first a description
-    request in a `describe` share of them, answered in one of `describe_styles`, question types
-    drawn by `question_weights`)."""
-    from polymodal.data.world.text import DESCRIBE_PROMPTS, captions_of
-
-    def document(index: int) -> Document:
-        scene = world[index]
-        pixels = processor(scene.image())
-        if stage == "align":
-            captions = captions_of(scene, caption_styles)
-            messages = [{"role": "user", "content": IMAGE_MARKER + "\n" + DESCRIBE_PROMPTS[index % len(DESCRIBE_PROMPTS)]},
-                        {"role": "assistant", "content": captions[index % len(captions)]}]
-        else:
-            messages = scene.conversation(turns, describe, question_weights, describe_styles)
-        return conversation_document(tokenizer, messages, [pixels], image_token_id, image_tokens)
-
-    return document
-
-
-def with_text_replay(document, replay: Sequence[tuple[str, str]], tokenizer, share: float):
-    """Wrap an index -> Document function so that a fixed pseudo-random `share` of the indices
-    give a text-only (prompt, answer) chat from `replay` instead (the same ones on every epoch)."""
-    if not replay:
-        raise ValueError("text replay is on but no replay chats are available (no base answer finished in its budget)")
-    chats = [conversation_document(tokenizer, [{"role": "user", "content": prompt},
-                                               {"role": "assistant", "content": answer}], [], -1, 0)
-             for prompt, answer in replay]
-
-    def mixed(index: int) -> Document:
-        if random.Random(index).random() < share:
-            return chats[index % len(chats)]
-        return document(index)
-
-    return mixed
-
-
 def make_batches(config: MMLLMRecipeConfig, model: MultimodalLM, tokenizer,
                  replay: Sequence[tuple[str, str]] = ()) -> ShuffledBatches:
-    """Resumable packed batches of world chats for the recipe's stage; with `config.data.text_replay`,
-    that share of the chats come from `replay` (prompt, answer) pairs."""
+    """Resumable packed batches of the stage's chats (`config.data`'s sources, mixed by weight);
+    with `config.data.text_replay`, that share of the chats come from `replay` (prompt, answer) pairs."""
     from polymodal.data.world import World
 
     d = config.data
-    world = World("train", image_size=model.config.image_size, num_objects=tuple(d.num_objects),
-                  background=d.background, seed=config.train.seed)
     processor = ImageProcessor.for_model(model.config)
-    document = world_documents(config.stage, tokenizer, processor, world, model.config.image_token_id,
-                               model.image_tokens, d.turns, d.caption_styles, d.describe, d.question_weights,
-                               d.describe_styles)
+    placeholder, tokens = model.config.image_token_id, model.image_tokens
+    parts = []
+    for source in d.sources():
+        if source.source == "world":
+            world = World("train", image_size=model.config.image_size, num_objects=tuple(d.num_objects),
+                          background=d.background, seed=config.train.seed)
+            parts.append((d.num_scenes, world_documents(config.stage, tokenizer, processor, world, placeholder, tokens,
+                                                        d.turns, d.caption_styles, d.describe, d.question_weights,
+                                                        d.describe_styles)))
+        else:
+            parts.append(file_documents(source, tokenizer, processor, placeholder, tokens))
+    length, document = mixed_documents(parts, [s.weight for s in d.sources()])
     if config.replays_text:
         document = with_text_replay(document, replay, tokenizer, d.text_replay)
-    return ShuffledBatches(d.num_scenes, min(d.docs_per_batch, d.num_scenes),
+    return ShuffledBatches(length, min(d.docs_per_batch, length),
                            lambda idx: pack_documents([document(int(i)) for i in idx], d.max_tokens, truncate=True),
                            seed=config.train.seed)
 
 
 # ---------------------------------------------------------------------------------------- train
 
-def train_mmllm(config: MMLLMRecipeConfig, model: MultimodalLM | None = None, tokenizer=None,
-                on_step=None) -> tuple[MultimodalLM, object, TrainResult, Path | None]:
-    """Train one stage per `config`; returns (model, tokenizer, TrainResult, final checkpoint folder).
+def mmllm_job(config: MMLLMRecipeConfig, model: MultimodalLM | None = None, tokenizer=None) -> TrainingJob:
+    """The training job of one stage per `config` (a built `model` and `tokenizer` may be passed in).
 
-    The returned model has any LoRA adapters merged, except image-position ones (`lora.image_tokens_only`),
-    which it keeps (`MMLLMConfig.image_lora`).
+    The final model has any LoRA adapters merged, except image-position ones
+    (`lora.image_tokens_only`), which it keeps (`MMLLMConfig.image_lora`). A stage that trains the
+    LM's embeddings records the token ids it sees (`SeenTokens`, checkpointed with the run and
+    written into the final checkpoint for the next stage).
     """
     if model is None:
         model, tokenizer = build_mmllm(config)
@@ -337,38 +325,26 @@ def train_mmllm(config: MMLLMRecipeConfig, model: MultimodalLM | None = None, to
     print(f"mmllm stage {config.stage!r}: training {trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters "
           f"({', '.join(parts)}{lora}); {model.image_tokens} tokens per image")
     batches = make_batches(config, model, tokenizer, base_text.get("replay", ()))
-    # A stage that trains the embeddings records the ids it sees, for the next stage's fresh start.
-    seen_path = out / SEEN_TOKENS_FILE if out is not None else None
-    seen = (SeenTokens.resume_or_new(seen_path, model.config.lm.vocab_size)
-            if "lm" in parts and not config.lora.rank else None)
+    seen = SeenTokens(model.config.lm.vocab_size) if "lm" in parts and not config.lora.rank else None
 
-    def loss(m: MultimodalLM, batch) -> torch.Tensor:
+    def objective(m: MultimodalLM, batch) -> torch.Tensor:
         if seen is not None:
             seen.add(batch.token_ids, batch.document_ids >= 0)
-        return m(packed=batch, loss_only=True).loss
+        return sequence_loss(m, batch)
 
-    def after_step(log) -> None:
-        # The loop has just written this step's checkpoint: keep the record in step with it.
-        if seen is not None and seen_path is not None and config.train.checkpoints_at(log.step):
-            seen.save(seen_path)
-        if on_step is not None:
-            on_step(log)
+    def final_model() -> MultimodalLM:
+        if not model.config.image_lora.rank:  # image-position adapters cannot be folded into shared weights
+            merge_lora(model)
+        return model.requires_grad_(True)
 
-    result = train(model, batches, loss, config.train, tokens_in_batch=lambda batch: batch.num_tokens,
-                   tokenizer=tokenizer, on_step=after_step)
-    if not model.config.image_lora.rank:  # image-position adapters cannot be folded into shared weights
-        merge_lora(model)
-    model.requires_grad_(True)
-    if config.reports_retention:
-        _report_retention(model, tokenizer, base_text["retention"], out)
-    final = None
-    if out is not None:
-        from polymodal.checkpoint import save_checkpoint
+    def after(final: MultimodalLM, out: Path | None) -> None:
+        if config.reports_retention:
+            _report_retention(final, tokenizer, base_text["retention"], out)
 
-        final = save_checkpoint(model, out / "final", tokenizer, extra={"stage": config.stage, "step": result.step},
-                                extra_files=None if seen is None else lambda folder: seen.save(folder / SEEN_TOKENS_FILE))
-        (out / "recipe.yaml").write_text(config_to_yaml(config))
-    return model, tokenizer, result, final
+    return TrainingJob(
+        model, batches, objective, tokenizer=tokenizer, tokens_in_batch=lambda batch: batch.num_tokens,
+        state={"seen_tokens": seen} if seen is not None else {}, final_model=final_model,
+        final_files=None if seen is None else lambda folder: seen.save(folder / SEEN_TOKENS_FILE), after=after)
 
 
 def _reinit_tokens_the_last_stage_never_saw(model: MultimodalLM, config: MMLLMRecipeConfig) -> None:
@@ -426,10 +402,3 @@ def _report_retention(model: MultimodalLM, tokenizer, base: Sequence[str], out: 
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "retention.json", json.dumps(report, indent=1))
     return report
-
-
-def run_mmllm_recipe(path: str | Path, overrides: Sequence[str] = ()) -> TrainResult:
-    """`polymodal train` entry for recipe `mmllm`."""
-    config = load_config(MMLLMRecipeConfig, path, overrides)
-    return train_mmllm(config)[2]
-

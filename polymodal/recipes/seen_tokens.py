@@ -7,9 +7,10 @@ weights those rows are the input embeddings too. Measured after the quickstart's
 of 510 rows had norm ~2.6 (trained rows ~1, initial ~0.23) at pairwise cosine 0.99. The next
 stage then starts with its question words indistinguishable as inputs and its answer words at
 probability ~e^-27, and whether it recovers in time decides the run (benchmarks/RESULTS.md).
-So a stage that trains the LM's embeddings records the ids it saw (`SeenTokens`, saved as
-`seen_tokens.json` with its checkpoints) and a stage that continues from it re-initialises the
-embedding (and untied output) rows of every other id (`reinit_unseen_tokens`).
+So a stage that trains the LM's embeddings records the ids it saw (`SeenTokens`: training state
+of the run, restored on resume, and `seen_tokens.json` in its final checkpoint) and a stage that
+continues from it re-initialises the embedding (and untied output) rows of every other id
+(`reinit_unseen_tokens`).
 """
 from __future__ import annotations
 
@@ -54,10 +55,16 @@ class SeenTokens:
             raise ValueError(f"{path}: not a seen-tokens file ({err})") from None
         return tokens
 
-    @classmethod
-    def resume_or_new(cls, path: Path | None, vocab_size: int) -> "SeenTokens":
-        """The set recorded so far by an interrupted run at `path`, else an empty one."""
-        return cls.load(path) if path is not None and path.exists() else cls(vocab_size)
+    def state_dict(self) -> dict:
+        """{"seen": bool (V,)}: the training-state form (restored exactly on resume)."""
+        return {"seen": self.seen.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a set saved by `state_dict`."""
+        seen = state["seen"]
+        if seen.shape != self.seen.shape:
+            raise ValueError(f"seen-token state has {seen.numel()} ids, this vocabulary {self.seen.numel()}")
+        self.seen = seen.to(device=self.seen.device, dtype=torch.bool).clone()
 
 
 def recorded_in(checkpoint: str | Path) -> SeenTokens | None:

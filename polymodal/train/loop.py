@@ -1,11 +1,27 @@
 """The training loop: one function, `train`, for every model family and objective.
 
-`train(model, data, loss_fn, config)` runs AdamW with a warm-up + decay schedule, gradient
-accumulation, gradient clipping and bf16 autocast on CUDA, guards against non-finite losses and
-gradients, writes periodic atomic checkpoints (model + full training state), `metrics.jsonl` and
-`loss.png` under `config.out_dir`, and resumes exactly: a run restarted from its step-k
-checkpoint reproduces, bit for bit on CPU, the losses and weights of a run that never stopped,
-provided `data` is a resumable stream (see `polymodal.train.data`).
+`train(model, data, objective, config)` runs the optimizers (default: AdamW with a warm-up +
+decay schedule) over batches from `data`, with gradient accumulation, clipping and bf16 autocast
+on CUDA, guards against non-finite losses and gradients, writes periodic atomic checkpoints
+(model + full training state), `metrics.jsonl` and `loss.png` under `config.out_dir`, and
+resumes exactly: a run restarted from its step-k checkpoint reproduces, bit for bit on CPU, the
+losses and weights of a run that never stopped, provided `data` is a resumable stream (see
+`polymodal.train.data`).
+
+It is open at every seam a recipe needs (torchtitan applies parallelism from outside a
+single-device model; torchtune passes built parts in):
+- `optimizers`: any number of named optimizers with schedulers (or a function building them);
+  an objective returning {name: loss} steps each on its own loss (`polymodal.train.step`);
+- `state`: named extra objects with `state_dict`/`load_state_dict` (an `EMA`, a discriminator
+  module, a counter) saved in every checkpoint and restored exactly on resume;
+- `parallelize`: a function applied to the model after it moves to its device and before the
+  optimizers are built (DDP/FSDP/compile; identity by default);
+- `callbacks`: functions of a `StepContext` called after every optimizer step, before that
+  step's checkpoint is written (so what they change is saved with it): EMA updates, periodic
+  evaluation and sample grids (`every`).
+Ctrl-C or SIGTERM ends the current step, saves a checkpoint of it and raises `TrainingStopped`;
+a run resumed from it continues exactly. A corrupt or truncated latest checkpoint is reported by
+name and the run resumes from the newest intact one.
 
 Steps are counted from 1: "step k" is the k-th optimizer update, and checkpoint `step-000000k`
 holds the state after it.
@@ -16,10 +32,13 @@ import contextlib
 import dataclasses
 import json
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,21 +47,25 @@ from tqdm.auto import tqdm
 
 from polymodal.atomic import write_text_atomic
 from polymodal.checkpoint import load_state_dict_checked, read_weights
+from polymodal.errors import CheckpointError, DestinationExistsError, TrainingStopped
 from polymodal.models.registry import config_to_dict
 from polymodal.plots import save_loss_plot
 from polymodal.train.data import is_resumable
-from polymodal.train.optim import build_optimizer, build_scheduler
+from polymodal.train.optim import Optimization, default_optimization
 from polymodal.train.state import (
     TrainingState,
     capture_rng,
-    find_latest_checkpoint,
     load_training_state,
     restore_rng,
+    resume_candidates,
     save_training_checkpoint,
 )
+from polymodal.train.step import NonFiniteLossError, StepLog, run_step
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+Optimizers = Mapping[str, Optimization] | Callable[[nn.Module, Any], Mapping[str, Optimization]]
+__all__ = ["NonFiniteLossError", "StepContext", "StepLog", "TrainConfig", "TrainResult", "every", "train"]
 
 
 @dataclass
@@ -53,7 +76,8 @@ class TrainConfig:
     step folders to keep (0: all). out_dir: where checkpoints/metrics/plot go (None: nowhere).
     max_grad_norm: clip threshold (None: no clipping; the norm is still checked for NaN/inf).
     precision: "auto" = bf16 autocast on CUDA, fp32 elsewhere. resume: continue from the latest
-    checkpoint in out_dir when there is one.
+    checkpoint in out_dir when there is one. overwrite (recipes): start over in an out_dir that
+    holds an earlier run, removing only what that run wrote.
     """
 
     steps: int = 1000
@@ -74,6 +98,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: str = "auto"
     resume: bool = False
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "grad_accum", "log_every"):
@@ -104,38 +129,50 @@ class TrainResult:
 
 
 @dataclass
-class StepLog:
-    """One step's record, given to `on_step` and (every `log_every` steps) to metrics.jsonl.
+class StepContext:
+    """What a callback sees after an optimizer step: the step's log, the model (as given to
+    `train`, not a parallel wrapper), the run's output folder (None without one) and its length."""
 
-    throughput is in `unit` ("tokens/s", "samples/s" or "steps/s").
-    """
+    log: StepLog
+    model: nn.Module
+    out_dir: Path | None
+    total_steps: int
 
-    step: int
-    loss: float
-    lr: float
-    grad_norm: float
-    throughput: float
-    unit: str
-    elapsed: float
+    @property
+    def step(self) -> int:
+        """The step just completed (1-based)."""
+        return self.log.step
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A NaN/inf loss or gradient norm; the run stopped before updating or saving anything."""
+def every(steps: int, callback: Callable[[StepContext], None], at_end: bool = True) -> Callable[[StepContext], None]:
+    """A callback that runs `callback` every `steps` steps (and after the last one, with `at_end`):
+    periodic evaluation or sample grids. The model is in eval mode and gradients are off during it."""
+    if steps < 1:
+        raise ValueError(f"every: steps must be >= 1, got {steps}")
 
-    def __init__(self, message: str, step: int, micro_batch: int | None) -> None:
-        super().__init__(message)
-        self.step = step
-        self.micro_batch = micro_batch
+    def periodic(context: StepContext) -> None:
+        if context.step % steps == 0 or (at_end and context.step == context.total_steps):
+            context.model.eval()
+            try:
+                with torch.no_grad():
+                    callback(context)
+            finally:
+                context.model.train()
+
+    return periodic
 
 
 def train(
     model: nn.Module,
     data: Any,
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    objective: Callable[[nn.Module, Any], Any],
     config: TrainConfig,
     *,
+    optimizers: Optimizers | None = None,
+    state: Mapping[str, Any] | None = None,
+    parallelize: Callable[[nn.Module], nn.Module] | None = None,
+    callbacks: Sequence[Callable[[StepContext], None]] = (),
     tokens_in_batch: Callable[[Any], int] | None = None,
-    on_step: Callable[[StepLog], None] | None = None,
     tokenizer: Any = None,
 ) -> TrainResult:
     """Train `model` for `config.steps` optimizer steps on batches drawn from `data`.
@@ -144,136 +181,175 @@ def train(
         `state_dict`/`load_state_dict`, see `polymodal.train.data`) or any iterable of batches;
         a plain iterable is fast-forwarded on resume by re-drawing the batches already consumed,
         which is exact only if it yields the same batches every time.
-    loss_fn(model, batch) -> scalar loss; each step averages it over `grad_accum` batches.
+    objective(model, batch) -> a scalar loss, or {optimizer name: loss}; each step averages it
+        over `grad_accum` batches (`polymodal.train.objectives` holds the library's objectives).
+    optimizers: {name: Optimization(optimizer, scheduler)} or a function (model, config) -> that;
+        default: `default_optimization` (AdamW + the config's schedule, named "model").
+    state: {name: object with state_dict/load_state_dict}; nn.Modules among them move to the
+        training device with the model. All of it is checkpointed and restored on resume.
+    parallelize(model) -> the module to run the objective on (default: the model itself).
+    callbacks: called with a `StepContext` after every step (see the module docstring).
     tokens_in_batch(batch) -> int: makes the progress bar and metrics report tokens/s.
-    on_step(StepLog): called after every step (after that step's checkpoint is written).
-    tokenizer: saved into every checkpoint so the folders load with `load_checkpoint`.
+    tokenizer: saved into every checkpoint so the folders load with `polymodal.load`.
     A fresh run seeds the python, numpy and torch RNGs with `config.seed`; a resumed run restores
-    them, with the weights, optimizer, scheduler, data position and loss history, from the latest
-    checkpoint in `config.out_dir`.
-    Raises `NonFiniteLossError` on a NaN/inf loss or gradient norm, keeping the last checkpoint.
+    them, with everything above, from the newest intact checkpoint in `config.out_dir`.
+    Raises `NonFiniteLossError` on a NaN/inf loss or gradient norm, keeping the last checkpoint,
+    and `TrainingStopped` when interrupted (after saving the current step).
     """
     started = time.perf_counter()
     device = _resolve_device(config.device)
     autocast = _autocast(config.precision, device)
     model.to(device)
-    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
-                                betas=config.betas, eps=config.eps)
-    scheduler = build_scheduler(optimizer, total_steps=config.steps, warmup_steps=config.warmup_steps,
-                                schedule=config.schedule, min_lr_ratio=config.min_lr_ratio)
+    extra = dict(state or {})
+    for value in extra.values():
+        if isinstance(value, nn.Module):
+            value.to(device)
+    run_model = parallelize(model) if parallelize is not None else model
+    built = optimizers(model, config) if callable(optimizers) else optimizers or default_optimization(model, config)
+    optimizations = dict(built)
+    if not optimizations:
+        raise ValueError("train: `optimizers` holds no optimizer")
     out_dir = Path(config.out_dir) if config.out_dir is not None else None
     ckpt_root = out_dir / "checkpoints" if out_dir is not None else None
     resumable = is_resumable(data)
     batches: Iterator = data if resumable else iter(data)
-    losses: list[float] = []
-    step = 0
-    checkpoint = find_latest_checkpoint(ckpt_root) if ckpt_root is not None else None
-    if checkpoint is not None and not config.resume:
-        raise FileExistsError(
-            f"out_dir {out_dir} already holds checkpoints (latest: {checkpoint.name}); set resume=true "
-            "to continue that run or choose another out_dir"
-        )
-    if checkpoint is not None:
-        state = load_training_state(checkpoint)
-        load_state_dict_checked(model, read_weights(checkpoint), source=str(checkpoint))
-        optimizer.load_state_dict(state.optimizer)
-        scheduler.load_state_dict(state.scheduler)
-        restore_rng(state.rng)
+    step, losses, checkpoint = 0, [], None
+    candidates = resume_candidates(ckpt_root) if ckpt_root is not None else []
+    if candidates and not config.resume:
+        raise DestinationExistsError(
+            f"out_dir {out_dir} already holds checkpoints (latest: {candidates[0].name}); set train.resume=true "
+            "to continue that run or choose another out_dir")
+    if candidates:
+        checkpoint, saved = _restore_newest_intact(candidates, model, optimizations, extra)
         if resumable:
-            data.load_state_dict(state.data)
+            data.load_state_dict(saved.data)
         else:
-            _skip(batches, state.step * config.grad_accum)
-        step, losses = state.step, list(state.losses)
+            _skip(batches, saved.step * config.grad_accum)
+        step, losses = saved.step, list(saved.losses)
     else:
-        random.seed(config.seed)
-        np.random.seed(config.seed)
-        torch.manual_seed(config.seed)
+        seed_everything(config.seed)
+
+    def save(at_step: int) -> Path:
+        snapshot = TrainingState(
+            step=at_step, losses=list(losses),
+            optimizers={name: o.optimizer.state_dict() for name, o in optimizations.items()},
+            schedulers={name: o.scheduler.state_dict() for name, o in optimizations.items() if o.scheduler},
+            rng=capture_rng(), data=data.state_dict() if resumable else None,
+            extra={name: value.state_dict() for name, value in extra.items()}, config=config_to_dict(config))
+        folder = save_training_checkpoint(ckpt_root, model, snapshot, tokenizer=tokenizer, keep=config.keep_checkpoints)
+        save_loss_plot(list(range(1, at_step + 1)), losses, out_dir / PLOT_FILE)
+        return folder
+
     metrics = _open_metrics(out_dir, step) if out_dir is not None else None
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     model.train()
     bar = tqdm(total=config.steps, initial=step, desc="train", dynamic_ncols=True)
-    try:
-        while step < config.steps:
-            log = _train_step(model, batches, loss_fn, optimizer, params, config, step + 1,
-                              autocast, device, tokens_in_batch, started)
-            scheduler.step()
-            step += 1
-            losses.append(log.loss)
-            bar.set_postfix(loss=f"{log.loss:.4f}", lr=f"{log.lr:.2e}",
-                            speed=f"{log.throughput:.1f} {log.unit}", refresh=False)
-            bar.update(1)
-            if metrics is not None and (step % config.log_every == 0 or step == config.steps):
-                metrics.write(json.dumps(dataclasses.asdict(log)) + "\n")
-                metrics.flush()
-            if ckpt_root is not None and config.checkpoints_at(step):
-                state = TrainingState(
-                    step=step, losses=list(losses), optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(), rng=capture_rng(),
-                    data=data.state_dict() if resumable else None, config=config_to_dict(config),
-                )
-                checkpoint = save_training_checkpoint(ckpt_root, model, state, tokenizer=tokenizer,
-                                                      keep=config.keep_checkpoints)
-                save_loss_plot(list(range(1, step + 1)), losses, out_dir / PLOT_FILE)
-            if on_step is not None:
-                on_step(log)
-    finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
+    with _stop_requests() as stop:
+        try:
+            while step < config.steps:
+                log = run_step(run_model, batches, objective, optimizations, step=step + 1,
+                               grad_accum=config.grad_accum, max_grad_norm=config.max_grad_norm, autocast=autocast,
+                               move=lambda batch: _to_device(batch, device), tokens_in_batch=tokens_in_batch,
+                               started=started)
+                step += 1
+                losses.append(log.loss)
+                bar.set_postfix(loss=f"{log.loss:.4f}", lr=f"{log.lr:.2e}",
+                                speed=f"{log.throughput:.1f} {log.unit}", refresh=False)
+                bar.update(1)
+                if metrics is not None and (step % config.log_every == 0 or step == config.steps):
+                    metrics.write(json.dumps(dataclasses.asdict(log)) + "\n")
+                    metrics.flush()
+                context = StepContext(log, model, out_dir, config.steps)
+                for callback in callbacks:
+                    callback(context)
+                if ckpt_root is not None and (config.checkpoints_at(step) or stop.requested):
+                    checkpoint = save(step)
+                if stop.requested:
+                    where = f"; saved {checkpoint}, continue with train.resume=true" if ckpt_root is not None else ""
+                    raise TrainingStopped(f"interrupted ({stop.requested}) after step {step} of {config.steps}{where}",
+                                          step=step, checkpoint=checkpoint if ckpt_root is not None else None)
+        finally:
+            bar.close()
+            if metrics is not None:
+                metrics.close()
     return TrainResult(losses=losses, step=step, checkpoint=checkpoint, wall_time=time.perf_counter() - started)
 
 
-def _train_step(model, batches, loss_fn, optimizer, params, config, step, autocast, device,
-                tokens_in_batch, started) -> StepLog:
-    """One optimizer step over `grad_accum` micro-batches; raises before updating on NaN/inf."""
-    tick = time.perf_counter()
-    lr = optimizer.param_groups[0]["lr"]
-    micro_losses = []
-    amount, unit = 0, "steps/s"
-    for micro in range(config.grad_accum):
+def seed_everything(seed: int) -> None:
+    """Seed the python, numpy and torch (CPU and CUDA) RNGs: recipes call it before building a
+    model, so two runs of one config start from the same weights."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _restore_newest_intact(candidates: list[Path], model: nn.Module, optimizations: dict[str, Optimization],
+                           extra: dict[str, Any]) -> tuple[Path, TrainingState]:
+    """Load the first candidate checkpoint that reads whole into the model, optimizers and extra
+    state; report each corrupt one on stderr. Raises `CheckpointError` when none is intact."""
+    problems = []
+    for folder in candidates:
         try:
-            batch = next(batches)
-        except StopIteration:
-            raise RuntimeError(
-                f"data ran out at step {step}, micro-batch {micro}; pass an endless stream "
-                "(IndexedBatches, ShuffledBatches) or fewer steps"
-            ) from None
-        if tokens_in_batch is not None:
-            amount, unit = amount + int(tokens_in_batch(batch)), "tokens/s"
-        elif (samples := _batch_size(batch)) is not None:
-            amount, unit = amount + samples, "samples/s"
-        with autocast:
-            loss = loss_fn(model, _to_device(batch, device))
-        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-            raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
-                            f"{tuple(getattr(loss, 'shape', ()))} at step {step}")
-        # Scaling each micro-batch by 1/grad_accum makes the summed gradient that of the mean loss.
-        (loss / config.grad_accum).backward()
-        micro_losses.append(loss.detach().float())
-    stacked = torch.stack(micro_losses)  # (grad_accum,)
-    if config.max_grad_norm is not None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    # One host sync per step checks both the losses and the gradient norm.
-    if not bool(torch.isfinite(stacked).all() & torch.isfinite(grad_norm)):
-        optimizer.zero_grad(set_to_none=True)
-        bad = (~torch.isfinite(stacked)).nonzero().flatten().tolist()
-        if bad:
-            raise NonFiniteLossError(
-                f"non-finite loss {stacked[bad[0]].item()} at step {step}, micro-batch {bad[0]}; "
-                "the model was not updated and no checkpoint was written", step, bad[0])
-        raise NonFiniteLossError(
-            f"non-finite gradient norm {grad_norm.item()} at step {step}; the model was not updated "
-            "and no checkpoint was written", step, None)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    loss_value = stacked.mean().item()
-    seconds = max(time.perf_counter() - tick, 1e-9)
-    if unit == "steps/s":
-        amount = 1
-    return StepLog(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm.item(),
-                   throughput=amount / seconds, unit=unit, elapsed=time.perf_counter() - started)
+            saved = load_training_state(folder)
+            weights = read_weights(folder)
+            _check_fits(saved, optimizations, extra, folder)
+        except CheckpointError as err:
+            problems.append(f"{folder.name}: {err}")
+            print(f"polymodal train: checkpoint {folder} is unreadable ({err}); trying the previous one",
+                  file=sys.stderr)
+            continue
+        load_state_dict_checked(model, weights, source=str(folder))
+        for name, o in optimizations.items():
+            o.optimizer.load_state_dict(saved.optimizers[name])
+            if o.scheduler is not None:
+                o.scheduler.load_state_dict(saved.schedulers[name])
+        for name, value in extra.items():
+            value.load_state_dict(saved.extra[name])
+        restore_rng(saved.rng)
+        return folder, saved
+    raise CheckpointError("no intact checkpoint to resume from: " + "; ".join(problems))
+
+
+def _check_fits(saved: TrainingState, optimizations: dict[str, Optimization], extra: dict[str, Any],
+                folder: Path) -> None:
+    """A checkpoint whose optimizers / schedulers / extra state names differ from this run's
+    cannot be resumed exactly: name the difference."""
+    for what, have, want in (("optimizers", saved.optimizers, optimizations),
+                             ("schedulers", saved.schedulers, {n: o for n, o in optimizations.items() if o.scheduler}),
+                             ("extra state", saved.extra, extra)):
+        if set(have) != set(want):
+            raise CheckpointError(f"{folder} holds {what} {sorted(have)}, this run has {sorted(want)}")
+
+
+class _StopRequest:
+    """Set by SIGINT/SIGTERM while training: the name of the signal, or None."""
+
+    requested: str | None = None
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[_StopRequest]:
+    """While inside, the first Ctrl-C / SIGTERM only asks the loop to stop after the current step
+    (and save it); a second one interrupts at once. Outside the main thread nothing changes."""
+    request = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        if request.requested is not None:
+            raise KeyboardInterrupt
+        request.requested = signal.Signals(signum).name
+        print(f"\npolymodal train: {request.requested} received; stopping after this step (again to stop now)",
+              file=sys.stderr)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield request
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _skip(batches: Iterator, count: int) -> None:
@@ -315,17 +391,6 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
-
-
-def _batch_size(batch: Any) -> int | None:
-    """Leading dimension of the first tensor in a batch, or None when there is none."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.ndim else None
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
-    for value in values:
-        if (size := _batch_size(value)) is not None:
-            return size
-    return None
 
 
 def _open_metrics(out_dir: Path, step: int):

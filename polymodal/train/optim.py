@@ -15,6 +15,7 @@ with min_lr = lr * min_lr_ratio.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -96,3 +97,21 @@ def build_scheduler(
                      schedule=schedule, min_lr_ratio=min_lr_ratio)
 
     return LambdaLR(optimizer, multiplier)
+
+
+@dataclass
+class Optimization:
+    """One optimizer and its (optional) learning-rate scheduler, stepped together by `train`."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+
+def default_optimization(model: nn.Module, config) -> dict[str, Optimization]:
+    """{"model": AdamW over the model's trainable parameters + the warm-up/decay schedule}, with the
+    hyper-parameters of a `TrainConfig`. The default of `train(optimizers=...)`."""
+    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas,
+                                eps=config.eps)
+    scheduler = build_scheduler(optimizer, total_steps=config.steps, warmup_steps=config.warmup_steps,
+                                schedule=config.schedule, min_lr_ratio=config.min_lr_ratio)
+    return {"model": Optimization(optimizer, scheduler)}

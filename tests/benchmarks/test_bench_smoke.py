@@ -125,10 +125,10 @@ def test_feature_probe_reads_color_from_a_cell_token_model():
 
     from polymodal.data.conversation import ImageProcessor
     from polymodal.models.mmllm import MultimodalLM
-    from polymodal.quickstart import quickstart_model
+    from polymodal.quickstart import stage_config
 
     torch.manual_seed(0)
-    config = quickstart_model()
+    config = stage_config("align").model
     config.lm.vocab_size, config.image_token_id = 64, 63
     model = MultimodalLM(config).eval()
     processor = ImageProcessor.for_model(config)
@@ -160,7 +160,7 @@ def test_qtype_probe_from_an_align_checkpoint_refreshes_the_tokens_it_never_saw(
     from polymodal.recipes.mmllm import build_mmllm
     from polymodal.recipes.seen_tokens import SEEN_TOKENS_FILE, SeenTokens
 
-    model, tokenizer = build_mmllm(stage_config("align", tmp_path, seed=0))
+    model, tokenizer = build_mmllm(stage_config("align"))
     folder = save_checkpoint(model, tmp_path / "align", tokenizer)
     seen = SeenTokens(model.config.lm.vocab_size)
     seen.seen[:11] = True
@@ -199,14 +199,12 @@ def test_question_templates_hide_colors_and_shapes():
     assert probe_mmllm_qtype.question_template("How many purple objects are there?") == "How many C objects are there?"
     assert probe_mmllm_qtype.question_template("How many crosses are there?") == "How many S are there?"
     assert probe_mmllm_qtype.question_template("Is the red star left of the cyan circle?") == "Is the C S left of the C S?"
-    from pathlib import Path
-
     from polymodal.data.conversation import ImageProcessor
     from polymodal.data.world import World
     from polymodal.quickstart import stage_config
     from polymodal.recipes.mmllm import build_mmllm
 
-    model, tokenizer = build_mmllm(stage_config("instruct", Path("unused"), seed=0))
+    model, tokenizer = build_mmllm(stage_config("instruct"))
     rows = probe_mmllm_qtype.accuracy_by_template(model, tokenizer, ImageProcessor.for_model(model.config), "count",
                                                   scenes=2)
     asked = [qa for s in World("val", image_size=96, num_objects=(1, 3)).scenes(2) for qa in s.questions()

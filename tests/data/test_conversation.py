@@ -36,7 +36,7 @@ def test_placeholders_expand_in_order_with_pixels(tok):
     doc = conversation_document(tok, _messages(), images, image_id, K)
     image_segments = [s for s in doc.segments if s.modality == "image"]
     assert [float(s.data[0, 0, 0]) for s in image_segments] == [0.0, 1.0, 2.0]
-    assert all(s.tokens.tolist() == [image_id] * K and not s.loss for s in image_segments)
+    assert all(s.tokens.tolist() == [image_id] * K and s.target is None for s in image_segments)
     ids = _ids(doc)
     assert ids.count(image_id) == 3 * K and len(doc) == len(ids)
     # the text around the placeholders is the chat template's rendering, marker by marker

@@ -4,7 +4,7 @@ import torch
 
 import polymodal.eval.mmllm as mmllm_eval
 from polymodal.data.world import QTYPES, World, world_tokenizer
-from polymodal.eval.mmllm import evaluate_cli, evaluate_world
+from polymodal.eval.mmllm import evaluate, evaluate_world
 from polymodal.models.mmllm import MultimodalLM, mmllm_tiny_for
 
 
@@ -47,7 +47,7 @@ def _oracle(monkeypatch, model, tokenizer, split, n, wrong_type=None):
 
 def test_oracle_scores_perfectly(monkeypatch, model, tokenizer):
     queue = _oracle(monkeypatch, model, tokenizer, "compositional", 4)
-    metrics = evaluate_cli(model, tokenizer, data="world", split="compositional", n=4)
+    metrics = evaluate(model, tokenizer, data="world", split="compositional", n=4)
     assert next(queue, None) is None  # every question and every caption prompt was asked, in order
     assert {k for k in metrics if k.startswith("vqa_")} <= {f"vqa_{q}" for q in QTYPES} | {"vqa_all"}
     assert all(v == 1.0 for k, v in metrics.items() if k.startswith("vqa_"))
@@ -71,4 +71,4 @@ def test_tiny_model_end_to_end(model, tokenizer):
 
 def test_rejects_other_data(model, tokenizer):
     with pytest.raises(ValueError, match="world"):
-        evaluate_cli(model, tokenizer, data="coco")
+        evaluate(model, tokenizer, data="coco")

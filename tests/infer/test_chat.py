@@ -1,61 +1,32 @@
-"""Chat API, streaming, batches and the `polymodal chat` command on tiny multimodal and text-only models."""
-import argparse
-import io
-import json
+"""The chat API (messages in, a reply or a stream out, batched) on tiny multimodal and text-only models."""
+import ast
+import copy
+import inspect
 
 import pytest
-import torch
 
-from polymodal.backbones.decoder import DecoderLM
-from polymodal.checkpoint import save_checkpoint
-from polymodal.data.world import World, world_tokenizer
+import polymodal.infer.chat as chat_module
+from polymodal.errors import UsageError
 from polymodal.infer.chat import (
     ChatSession,
-    add_cli,
     chat,
     chat_batch,
     encode_chat,
-    read_requests,
-    run_chat_cli,
+    fit_chat_prompt,
+    generate_replies,
     stream_chat,
 )
-from polymodal.models.lm import lm_tiny
-from polymodal.models.mmllm import MultimodalLM, mmllm_tiny_for
+from polymodal.infer.limits import ContextWarning
 
 GEN = {"max_new_tokens": 8}
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return world_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def mm_model(tokenizer):
-    torch.manual_seed(0)
-    return MultimodalLM(mmllm_tiny_for(tokenizer)).eval()
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory, mm_model, tokenizer):
-    """A saved mmllm checkpoint, a saved lm checkpoint and two scene images, in one folder."""
-    root = tmp_path_factory.mktemp("chat")
-    save_checkpoint(mm_model, root / "mm", tokenizer=tokenizer)
-    lm_config = lm_tiny()
-    lm_config.vocab_size, lm_config.eos_token_id = tokenizer.vocab_size, tokenizer.eos_token_id
-    torch.manual_seed(1)
-    save_checkpoint(DecoderLM(lm_config).eval(), root / "lm", tokenizer=tokenizer)
-    for k, scene in enumerate(World("val").scenes(2)):
-        scene.image().save(root / f"scene{k}.png")
-    return root
-
-
-def _cli(argv, stdin=None):
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    out = io.StringIO()
-    run_chat_cli(parser.parse_args(["chat", *argv]), stdin=stdin, out=out)
-    return out.getvalue()
+def with_context(model, tokens):
+    """A copy of `model` whose context is `tokens` long."""
+    model = copy.deepcopy(model)
+    config = getattr(model.config, "lm", model.config)
+    config.max_position_embeddings = tokens
+    return model
 
 
 def test_prompt_expands_each_image_to_its_tokens(mm_model, tokenizer, files):
@@ -63,7 +34,7 @@ def test_prompt_expands_each_image_to_its_tokens(mm_model, tokenizer, files):
     prompt = encode_chat(mm_model, tokenizer, [{"role": "user", "content": "What is it?"}], [files / "scene0.png"])
     assert prompt.ids.count(image_id) == mm_model.image_tokens
     assert prompt.pixels.shape == (1, 3, 32, 32)
-    with pytest.raises(ValueError, match="2 '<image>' markers but 1 images"):
+    with pytest.raises(UsageError, match="2 '<image>' markers but 1 images"):
         encode_chat(mm_model, tokenizer, [{"role": "user", "content": "<image><image> hi"}], [files / "scene0.png"])
 
 
@@ -82,8 +53,12 @@ def test_batch_equals_one_at_a_time(mm_model, tokenizer, files):
         ([{"role": "user", "content": "<image> and <image>: same?"}], [files / "scene0.png", files / "scene1.png"]),
     ]
     alone = [chat(mm_model, tokenizer, m, ims, **GEN) for m, ims in requests]
-    assert chat_batch(mm_model, tokenizer, requests, batch_size=2, **GEN) == alone
+    done = []
+    assert chat_batch(mm_model, tokenizer, requests, batch_size=2, on_progress=done.append, **GEN) == alone
+    assert done == [2, 1]
     assert len(set(alone)) > 1  # the image and the question change the reply
+    with pytest.raises(UsageError, match="batch_size must be an integer >= 1, got 0"):
+        chat_batch(mm_model, tokenizer, requests, batch_size=0)
 
 
 def test_session_keeps_turns_and_images(mm_model, tokenizer, files):
@@ -98,60 +73,68 @@ def test_session_keeps_turns_and_images(mm_model, tokenizer, files):
     assert session.messages == [{"role": "system", "content": "Answer briefly."}] and not session.images
 
 
-def test_cli_one_shot_matches_api(mm_model, tokenizer, files):
-    image = str(files / "scene0.png")
-    out = _cli([str(files / "mm"), "What color is the circle?", "--image", image, "--max-new-tokens", "8"])
-    expected = chat(mm_model, tokenizer, [{"role": "user", "content": "What color is the circle?"}], [image], **GEN)
-    assert out == expected + "\n"
+def test_a_failed_turn_leaves_the_session_as_it_was(mm_model, tokenizer, files):
+    session = ChatSession(with_context(mm_model, 40), tokenizer, **GEN)
+    session.send("Hi")
+    before = [dict(m) for m in session.messages]
+    with pytest.raises(UsageError, match="longer than the model's context of 40 tokens"):
+        session.send("What color is the big circle on the left of the red square? " * 3)
+    with pytest.raises(UsageError, match="longer than the model's context"):
+        session.stream("What color is the big circle on the left of the red square? " * 3)
+    with pytest.raises(Exception, match="missing.png"):
+        session.send("What is it?", images=[files / "missing.png"])
+    assert session.messages == before and not session.images and not session.pending
+    unread = session.stream("Never read")  # a stream nobody reads adds no turn
+    del unread
+    assert session.messages == before
 
 
-def test_cli_batch_jsonl(mm_model, tokenizer, files):
-    lines = [
-        {"id": "a", "messages": [{"role": "user", "content": "<image>\nWhere is the circle?"}], "images": ["scene0.png"]},
-        {"prompt": "How many objects are there?", "image": "scene1.png"},
-        {"id": 7, "prompt": "Hello"},
-    ]
-    (files / "requests.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
-    answers_path = files / "answers.jsonl"
-    _cli([str(files / "mm"), "--batch", str(files / "requests.jsonl"), "--out", str(answers_path),
-          "--batch-size", "2", "--max-new-tokens", "8"])
-    answers = [json.loads(x) for x in answers_path.read_text().splitlines()]
-    assert [a["index"] for a in answers] == [0, 1, 2]
-    assert [a.get("id") for a in answers] == ["a", None, 7]
-    expected = [chat(mm_model, tokenizer, m, ims, **GEN) for m, ims, _ in read_requests(files / "requests.jsonl")]
-    assert [a["answer"] for a in answers] == expected
+def test_streams_check_the_request_when_called(mm_model, tokenizer):
+    messages = [{"role": "user", "content": "Hi"}]
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"max_new_tokens": -2}):
+        name, value = next(iter(bad.items()))
+        with pytest.raises(UsageError, match=rf"{name} must be .*, got {value}"):
+            stream_chat(mm_model, tokenizer, messages, **bad)  # not iterated: raised at the call
+        with pytest.raises(UsageError, match=name):
+            chat(mm_model, tokenizer, messages, **bad)
 
 
-def test_batch_file_errors_name_the_line(files):
-    bad = files / "bad.jsonl"
-    bad.write_text('{"prompt": "ok"}\n{"text": "no"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
-        read_requests(bad)
-    with pytest.raises(ValueError, match="--out"):
-        _cli([str(files / "mm"), "--batch", str(bad)])
-    for line, message in [('{"messages": ["hi"]}', r"bad.jsonl:1: messages\[0\] must be an object with a 'role'"),
-                          ('{"messages": [{"role": "bot", "content": "x"}]}', r"messages\[0\]"),
-                          ('{"prompt": "hi", "image": 5}', r"bad.jsonl:1: 'image' must be a file path")]:
-        bad.write_text(line + "\n")
-        with pytest.raises(ValueError, match=message):
-            read_requests(bad)
+def test_long_prompt_is_refused_or_truncated_whole_images_at_a_time(mm_model, tokenizer, files):
+    k, image_id = mm_model.image_tokens, mm_model.config.image_token_id
+    messages = [{"role": "user", "content": "<image> first, <image> second: which is red?"}]
+    images = [files / "scene0.png", files / "scene1.png"]
+    prompt = encode_chat(mm_model, tokenizer, messages, images)
+    slots = [i for i, t in enumerate(prompt.ids) if t == image_id]
+    n = len(prompt.ids)
+    # A budget that cuts into the first image: that image goes whole, the second stays.
+    model = with_context(mm_model, n - (slots[0] + 3) + 8)
+    with pytest.raises(UsageError, match=rf"the prompt is {n} tokens, longer than the model's context of {n - 1} "):
+        chat(with_context(mm_model, n - 1), tokenizer, messages, images, **GEN)
+    with pytest.warns(ContextWarning, match=rf"prompt of {n} tokens was truncated to its last {n - slots[k - 1] - 1}"):
+        fitted = fit_chat_prompt(model, prompt, max_new_tokens=8, truncate=True)
+    assert fitted.ids == prompt.ids[slots[k - 1] + 1:] and fitted.pixels.shape[0] == 1
+    assert fitted.ids.count(image_id) == k
+    # Cutting into the last image drops every image; the reply still comes.
+    model = with_context(mm_model, n - slots[-1] + 8)
+    with pytest.warns(ContextWarning):
+        fitted = fit_chat_prompt(model, prompt, max_new_tokens=8, truncate=True)
+        reply = chat(model, tokenizer, messages, images, truncate=True, **GEN)
+    assert fitted.pixels is None and image_id not in fitted.ids
+    assert reply == generate_replies(model, tokenizer, [fitted], **GEN)[0]
 
 
-def test_interactive_session_via_fake_stdin(mm_model, tokenizer, files):
-    image = str(files / "scene0.png")
-    stdin = io.StringIO(f"/image {image}\nWhat color is it?\n\nAnd the shape?\n/image missing.png\n/reset\n"
-                        "Hello\n/quit\nnever read\n")
-    out = _cli([str(files / "mm"), "--max-new-tokens", "8"], stdin=stdin)
-    session = ChatSession(mm_model, tokenizer, **GEN)
-    first = session.send("What color is it?", images=[image])
-    second = session.send("And the shape?")
-    fresh = ChatSession(mm_model, tokenizer, **GEN).send("Hello")
-    # The untrained model's replies are arbitrary text (newlines and \x0b included), so the
-    # transcript is matched as a whole rather than split into lines.
-    head = f"[attached {image}]\n{first}\n{second}\n[error:"
-    tail = f"\n[conversation reset]\n{fresh}\n"
-    assert out.startswith(head) and out.endswith(tail)
-    assert "missing.png" in out[len(head):-len(tail)]
+def test_reply_stops_at_the_context_with_one_warning(files):
+    from polymodal.api import load
+
+    model, tokenizer = load(files / "lm")
+    messages = [{"role": "user", "content": "Is there a red circle?"}]
+    n = len(encode_chat(model, tokenizer, messages).ids)
+    small = with_context(model, n + 3)
+    with pytest.warns(ContextWarning, match=rf"prompt \({n} tokens\) \+ max_new_tokens \(50\) exceeds the model's "
+                                            rf"context of {n + 3} tokens") as caught:
+        reply = chat(small, tokenizer, messages, max_new_tokens=50, eos_token_id=[])
+    assert len([w for w in caught if w.category is ContextWarning]) == 1
+    assert reply == chat(small, tokenizer, messages, max_new_tokens=3, eos_token_id=[])
 
 
 def test_text_only_lm_checkpoint(files):
@@ -161,8 +144,17 @@ def test_text_only_lm_checkpoint(files):
     messages = [{"role": "user", "content": "Is there a red circle?"}]
     reply = chat(model, tokenizer, messages, **GEN)
     assert "".join(stream_chat(model, tokenizer, messages, **GEN)) == reply
-    assert _cli([str(files / "lm"), "Is there a red circle?", "--max-new-tokens", "8"]) == reply + "\n"
-    with pytest.raises(ValueError, match="text-only"):
+    with pytest.raises(UsageError, match="text-only"):
         chat(model, tokenizer, messages, [files / "scene0.png"])
-    out = _cli([str(files / "lm"), "--max-new-tokens", "8"], stdin=io.StringIO("/image x.png\nHi\n"))
-    assert out.splitlines()[0].startswith("[error:") and "text-only" in out
+    with pytest.raises(UsageError, match="text-only"):
+        ChatSession(model, tokenizer).attach(files / "scene0.png")
+
+
+def test_the_api_module_never_touches_the_terminal():
+    # The chat API is shared with a server: no printing, no stdin/stdout, no argument parsing.
+    tree = ast.parse(inspect.getsource(chat_module))
+    calls = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    imports = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+               for alias in node.names} | {node.module.split(".")[0] for node in ast.walk(tree)
+                                          if isinstance(node, ast.ImportFrom) and node.module}
+    assert not calls & {"print", "input"} and not imports & {"sys", "argparse", "tqdm"}

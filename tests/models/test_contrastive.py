@@ -8,8 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from polymodal.encoders.convnet import ConvNetConfig
-from polymodal.models.contrastive import IMAGE_TOWERS, TEXT_TOWERS, ContrastiveConfig, ContrastiveModel, clip_tiny
+from polymodal.encoders.bert import BertConfig
+from polymodal.encoders.table import ENCODERS
+from polymodal.models.contrastive import ContrastiveConfig, ContrastiveModel, clip_tiny
 from polymodal.models.registry import get_family
+from polymodal.train.objectives import caption_loss, contrastive_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench_clip  # noqa: E402  (benchmarks/ is a script folder, not a package)
@@ -25,7 +28,9 @@ def _batch(config: ContrastiveConfig, n: int = 4) -> dict:
 
 def test_registered_and_encode_shapes():
     assert get_family("clip").config_cls is ContrastiveConfig
-    assert {"vit", "cnn"} <= set(IMAGE_TOWERS) and {"transformer", "bert"} <= set(TEXT_TOWERS)
+    image = {n for n, spec in ENCODERS.items() if spec.modality == "image" and spec.pooled}
+    text = {n for n, spec in ENCODERS.items() if spec.modality == "text" and spec.pooled}
+    assert {"vit", "cnn"} <= image and {"transformer", "bert"} <= text
     model = ContrastiveModel(clip_tiny()).eval()
     batch = _batch(model.config)
     image, text = model.encode_image(batch["pixel_values"]), model.encode_text(batch["input_ids"])
@@ -68,22 +73,24 @@ def test_pooled_only_vit_path_equals_full_forward():
 def test_siglip_loss_uses_bias_and_coca_adds_caption_loss():
     siglip = ContrastiveModel(dataclasses.replace(clip_tiny(), loss="siglip"))
     batch = _batch(siglip.config)
-    out = siglip(**batch)
-    out.loss.backward()
+    contrastive_loss(siglip, batch).backward()
     assert siglip.logit_bias.grad is not None and siglip.logit_bias.grad.abs() > 0
     coca = ContrastiveModel(dataclasses.replace(clip_tiny(), caption_layers=1))
     optimizer = torch.optim.AdamW(coca.parameters(), lr=3e-3)
     losses = []
+    def captioning(captions):
+        return caption_loss(coca(**batch, captions=captions).caption_logits, captions, None)
+
     for _ in range(8):
         out = coca(**batch)
-        assert out.caption_loss is not None and torch.isfinite(out.loss)
+        loss = contrastive_loss(coca, batch)
+        assert out.caption_logits is not None and torch.isfinite(loss)
         optimizer.zero_grad()
-        out.loss.backward()
+        loss.backward()
         optimizer.step()
-        losses.append(out.caption_loss.item())
+        losses.append(captioning(batch["input_ids"]).item())
     assert losses[-1] < losses[0]
-    other = coca(**batch, captions=batch["input_ids"].flip(0))
-    assert not torch.isclose(other.caption_loss, coca(**batch).caption_loss)
+    assert not torch.isclose(captioning(batch["input_ids"].flip(0)), captioning(batch["input_ids"]))
 
 
 def test_coca_needs_causal_text_tower():
@@ -97,7 +104,7 @@ def test_freeze_text_and_patch_dropout():
     model = ContrastiveModel(dataclasses.replace(clip_tiny(), freeze_text=True, patch_dropout=0.5)).train()
     assert not model.text_model.training and model.vision_model.training
     batch = _batch(model.config)
-    model(**batch).loss.backward()
+    contrastive_loss(model, batch).backward()
     assert all(p.grad is None for p in model.text_model.parameters())
     assert model.text_projection.weight.grad is not None
     model.eval()  # no dropout at evaluation: deterministic features
@@ -114,8 +121,7 @@ def test_cnn_tower():
                                                                                   pool="flatten"))
     assert config.cnn.grid == 7
     model = ContrastiveModel(config)
-    out = model(**_batch(config))
-    out.loss.backward()
+    contrastive_loss(model, _batch(config)).backward()
     assert model.encode_image(_batch(config)["pixel_values"]).shape == (4, 32)
 
 
@@ -127,13 +133,12 @@ def test_bad_tower_name_is_named():
 def test_lit_bert_text_tower_frozen():
     options = dict(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
                    max_position_embeddings=16)
-    config = dataclasses.replace(clip_tiny(), text_tower="bert", text_tower_options=options, freeze_text=True)
+    config = dataclasses.replace(clip_tiny(), text_tower="bert", bert=BertConfig(**options), freeze_text=True)
     model = ContrastiveModel(config).train()
     batch = _batch(config)
     batch["input_ids"] = batch["input_ids"] % 64
     batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-    out = model(**batch)
-    out.loss.backward()
+    contrastive_loss(model, batch).backward()
     assert all(p.grad is None for p in model.text_model.parameters())
     assert model.visual_projection.weight.grad is not None and model.text_projection.weight.grad is not None
     assert model.encode_text(batch["input_ids"], batch["attention_mask"]).shape == (4, 32)

@@ -12,19 +12,16 @@ from polymodal.checkpoint import CheckpointMismatchError
 from polymodal.config import load_config
 from polymodal.encoders.efficientnet import EfficientNetConfig
 from polymodal.interop.efficientnet_pth import load_efficientnet_pth, read_pth_state_dict
-from polymodal.models.contrastive import IMAGE_TOWERS, ContrastiveModel, EfficientNetTower, clip_tiny
-from polymodal.recipes.clip import (
-    ClipRecipeConfig,
-    build_clip_and_tokenizer,
-    clip_batches,
-    image_size_of,
-    load_image_tower,
-    pixels_from_uint8,
-)
+from polymodal.data.dual_encoder import pixels_from_uint8
+from polymodal.encoders.efficientnet import EfficientNetTower
+from polymodal.encoders.table import ENCODERS
+from polymodal.models.contrastive import ContrastiveModel, clip_tiny
+from polymodal.recipes.clip import ClipRecipeConfig, build_clip_and_tokenizer, clip_batches, load_image_tower
+from polymodal.train.objectives import contrastive_loss
 
 LIT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "clip" / "fashion_mnist_lit.yaml"
-TINY_EFFICIENTNET = dict(stages=[[1, 3, 1, 8, 8, 1], [6, 3, 2, 8, 16, 2]], stem_channels=8, head_channels=24,
-                         image_size=32)
+TINY_EFFICIENTNET = EfficientNetConfig(stages=[[1, 3, 1, 8, 8, 1], [6, 3, 2, 8, 16, 2]], stem_channels=8,
+                                       head_channels=24, image_size=32, num_classes=0)
 
 
 def _pixels(n: int, channels: int, size: int) -> torch.Tensor:
@@ -34,25 +31,25 @@ def _pixels(n: int, channels: int, size: int) -> torch.Tensor:
 
 
 def test_tiny_efficientnet_tower_trains_on_grayscale_28px():
-    config = dataclasses.replace(clip_tiny(), image_tower="efficientnet_lite0", image_tower_options=TINY_EFFICIENTNET)
+    config = dataclasses.replace(clip_tiny(), image_tower="efficientnet_lite0", efficientnet=TINY_EFFICIENTNET)
     model = ContrastiveModel(config).train()
-    assert "efficientnet_lite0" in IMAGE_TOWERS and isinstance(model.vision_model, EfficientNetTower)
+    assert "efficientnet_lite0" in ENCODERS and isinstance(model.vision_model, EfficientNetTower)
     assert model.vision_model.classifier is None and model.visual_projection.in_features == 24
-    assert image_size_of(config) == 32
+    assert config.image_size == 32
     ids = torch.randint(3, 126, (4, 8))
     ids[:, -1] = config.text.eos_token_id
     pixels = _pixels(4, 1, 28)  # Fashion-MNIST-like: 1 channel, resized to the tower's 32 px inside
-    out = model(pixel_values=pixels, input_ids=ids)
-    out.loss.backward()
-    assert torch.isfinite(out.loss)
+    loss = contrastive_loss(model, {"pixel_values": pixels, "input_ids": ids})
+    loss.backward()
+    assert torch.isfinite(loss)
     assert all(p.grad is not None for p in model.vision_model.parameters())
     assert model.encode_image(pixels).shape == (4, 32)
 
 
 def test_efficientnet_tower_rejects_a_classifier():
-    options = {**TINY_EFFICIENTNET, "num_classes": 10}
+    options = dataclasses.replace(TINY_EFFICIENTNET, num_classes=10)
     with pytest.raises(ValueError, match="num_classes"):
-        ContrastiveModel(dataclasses.replace(clip_tiny(), image_tower="efficientnet_lite0", image_tower_options=options))
+        ContrastiveModel(dataclasses.replace(clip_tiny(), image_tower="efficientnet_lite0", efficientnet=options))
 
 
 def test_pretrained_efficientnet_loads_and_matches_its_own_preprocessing():
@@ -75,7 +72,7 @@ def test_pretrained_efficientnet_loads_and_matches_its_own_preprocessing():
                                    atol=1e-5, rtol=1e-5)
     ids = torch.randint(3, 126, (2, 6))
     ids[:, -1] = config.text.eos_token_id
-    model(pixel_values=pixels, input_ids=ids).loss.backward()
+    contrastive_loss(model, {"pixel_values": pixels, "input_ids": ids}).backward()
     assert all(p.grad is None for p in model.vision_model.parameters())
     assert model.visual_projection.weight.grad is not None
 
@@ -84,7 +81,7 @@ def test_image_init_from_needs_the_efficientnet_tower_and_matching_sizes():
     with pytest.raises(ValueError, match="image_init_from"):
         load_image_tower(ContrastiveModel(clip_tiny()), "efficientnet-lite0")
     small = ContrastiveModel(dataclasses.replace(clip_tiny(), image_tower="efficientnet_lite0",
-                                                 image_tower_options=TINY_EFFICIENTNET))
+                                                 efficientnet=TINY_EFFICIENTNET))
     with pytest.raises(CheckpointMismatchError):
         load_image_tower(small, "efficientnet-lite0")
 
@@ -93,7 +90,7 @@ def test_lit_config_locks_the_real_minilm_tower():
     config = load_config(ClipRecipeConfig, LIT_CONFIG, ["data.batch_size=32"])
     assert config.text_init_from == "minilm" and config.model.freeze_text
     model, tokenizer = build_clip_and_tokenizer(config)
-    batch = clip_batches(config, model, tokenizer).batch_fn(0)
+    batch = clip_batches(config, tokenizer).batch_fn(0)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     assert len(torch.unique(ids, dim=0)) < len(ids)  # template captions repeat: the frozen tower dedupes them
     hf = BertModel.from_pretrained(minilm_dir()).eval()
@@ -108,7 +105,7 @@ def test_lit_config_locks_the_real_minilm_tower():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
     assert not model.text_model.training
-    loss = model(**batch).loss
+    loss = contrastive_loss(model, batch)
     loss.backward()
     assert all(p.grad is None for p in model.text_model.parameters())
     optimizer.step()

@@ -6,6 +6,7 @@ from polymodal.data.world import world_tokenizer
 from polymodal.models.mmllm import MultimodalLM, mmllm_tiny, mmllm_tiny_for, size_to_tokenizer
 from polymodal.projectors import ProjectorConfig
 from polymodal.sequence import Document, Segment, pack_documents
+from polymodal.train.objectives import sequence_loss
 
 
 def _doc(model, layout, seed):
@@ -17,7 +18,7 @@ def _doc(model, layout, seed):
         if part == "t":
             segments.append(Segment("text", tokens=torch.randint(0, image_id, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g)))
         else:
-            segments.append(Segment("image", tokens=[image_id] * k, data=torch.randn(3, size, size, generator=g), loss=False))
+            segments.append(Segment("image", tokens=[image_id] * k, data=torch.randn(3, size, size, generator=g), target=None))
     return Document(segments)
 
 
@@ -34,7 +35,7 @@ def _check_packed_equals_single(model):
             single = model(ids, torch.stack(images) if images else None).logits[0]
             row, start = batch.document_rows[d]
             torch.testing.assert_close(packed.logits[row, start:start + len(doc)], single, atol=1e-4, rtol=1e-4)
-    assert torch.isfinite(packed.loss)
+    assert torch.isfinite(sequence_loss(model, batch))
 
 
 def test_packed_multimodal_forward_equals_per_document_forward():
@@ -53,7 +54,7 @@ def test_packed_equivalence_with_resampler_and_multi_image_loss():
     batch = pack_documents([_doc(model, "t i t i t", 5)], 256)
     assert not (batch.labels == config.image_token_id).any()
     model.train()
-    model(packed=batch).loss.backward()
+    sequence_loss(model, batch).backward()
     assert model.vision.patch_embed.proj.weight.grad.abs().sum() > 0
 
 
@@ -72,7 +73,7 @@ def test_cnn_vision_tower_gives_one_token_per_feature_map_cell():
     assert model.image_tokens == 16  # 32 px / 2^3 = 4 x 4 map
     _check_packed_equals_single(model)
     model.train()
-    model(packed=pack_documents([_doc(model, "t i t", 7)], 64)).loss.backward()
+    sequence_loss(model, pack_documents([_doc(model, "t i t", 7)], 64)).backward()
     assert model.vision.stages[0][0].weight.grad.abs().sum() > 0
     assert model.vision.position_embedding.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="vision_feature_layer"):
@@ -99,7 +100,7 @@ def test_gridpool_vision_tower_gives_one_token_per_grid_cell_and_stays_frozen_in
     _check_packed_equals_single(model)
     model.train()
     set_trainable(model, ["projector", "lm"], LoRAConfig())
-    model(packed=pack_documents([_doc(model, "t i t", 7)], 64)).loss.backward()
+    sequence_loss(model, pack_documents([_doc(model, "t i t", 7)], 64)).backward()
     assert model.vision.conv.weight.grad is None and next(model.projector.parameters()).grad is not None
     with pytest.raises(ValueError, match="the gridpool vision tower only has its final feature map"):
         type(config)(vision_tower="gridpool", vision_feature_layer=-2)
@@ -125,7 +126,7 @@ def test_packed_tail_padding_is_never_an_image_slot():
     model = MultimodalLM(config).eval()
     k, size = model.image_tokens, config.image_size
     docs = [Document([Segment("text", tokens=torch.arange(1, 4)),
-                      Segment("image", tokens=[0] * k, data=torch.randn(3, size, size), loss=False),
+                      Segment("image", tokens=[0] * k, data=torch.randn(3, size, size), target=None),
                       Segment("text", tokens=torch.arange(4, 9))])]
     docs.append(Document.from_tokens(torch.arange(1, len(docs[0]) + 8)))  # a full second row
     batch = pack_documents(docs, max_tokens=len(docs[0]) + 7, pad_id=0)

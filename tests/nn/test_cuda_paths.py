@@ -34,11 +34,12 @@ def test_flex_block_mask_matches_dense_mask_forward():
 
 def test_bf16_autocast_training_step_is_finite():
     from polymodal.train.loop import TrainConfig, train
+    from polymodal.train.objectives import sequence_loss
 
     torch.manual_seed(0)
     model = DecoderLM(lm_tiny())
     packed = pack_documents(_mixed_docs(), max_tokens=256)
-    result = train(model, [packed] * 4, lambda m, b: m(packed=b).loss, TrainConfig(steps=4, precision="auto", device="cuda"))
+    result = train(model, [packed] * 4, sequence_loss, TrainConfig(steps=4, precision="auto", device="cuda"))
     assert all(torch.isfinite(torch.tensor(result.losses)))
 
 

@@ -31,12 +31,12 @@ def test_locked_efficientnet_recipe_keeps_the_imagenet_weights(tmp_path):
     config = CONFIG.parent / "fashion_mnist_efficientnet.yaml"
     out = tmp_path / "run"
     assert main(["train", str(config), f"train.out_dir={out}", "train.steps=3", "data.batch_size=16",
-                 "model.image_tower_options={image_size: 32}", "eval_n=64"]) == 0
+                 "model.efficientnet.image_size=32", "eval_n=64"]) == 0
     metrics = json.loads((out / "eval.json").read_text())
     assert 0.0 <= metrics["zero_shot_top1"] <= metrics["zero_shot_top5"] <= 1.0
     model, _ = load_checkpoint(out / "checkpoints" / "step-0000003")
     tensors = read_pth_state_dict(efficientnet_lite0_pth_path())
-    assert model.config.freeze_image and model.config.image_tower_options == {"image_size": 32}
+    assert model.config.freeze_image and model.config.efficientnet.image_size == 32
     assert torch.equal(model.vision_model.blocks[3].depthwise.conv.weight, tensors["_blocks.3._depthwise_conv.weight"])
     assert torch.equal(model.vision_model.head.norm.running_mean, tensors["_bn1.running_mean"])
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import polymodal
 from polymodal.cli import main
-from polymodal.recipes.lm import world_qa_accuracy
+from polymodal.eval.lm import world_qa_accuracy
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "lm" / "tiny.yaml"
 

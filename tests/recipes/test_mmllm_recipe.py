@@ -14,6 +14,7 @@ from polymodal.models.mmllm import MMLLMConfig
 from polymodal.nn.lora import LoRAConfig
 from polymodal.recipes.mmllm import MMLLMDataConfig, MMLLMRecipeConfig
 from polymodal.recipes.seen_tokens import SEEN_TOKENS_FILE, SeenTokens
+from polymodal.sequence import NEXT_TOKEN
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "mmllm"
 
@@ -74,21 +75,21 @@ def test_recipe_config_errors():
 def test_align_captions_follow_caption_styles():
     from polymodal.data.conversation import IMAGE_MARKER
     from polymodal.data.world import world_tokenizer
-    from polymodal.recipes.mmllm import world_documents
+    from polymodal.data.chat_documents import world_documents
 
     tokenizer = world_tokenizer()
     world = World("train", image_size=32)
     document = world_documents("align", tokenizer, ImageProcessor(32), world, tokenizer.token_to_id(IMAGE_MARKER), 4,
                                turns=1, caption_styles=["grounded"])
     for index in range(3):
-        answer = [seg for seg in document(index).segments if seg.loss]
+        answer = [seg for seg in document(index).segments if seg.target == NEXT_TOKEN]
         assert tokenizer.decode(answer[0].tokens.tolist()).strip().startswith(world[index].caption("grounded"))
 
 
 def test_instruct_chats_follow_turns_and_describe():
     from polymodal.data.conversation import IMAGE_MARKER
     from polymodal.data.world import world_tokenizer
-    from polymodal.recipes.mmllm import world_documents
+    from polymodal.data.chat_documents import world_documents
 
     tokenizer = world_tokenizer()
     world = World("train", image_size=32)
@@ -97,7 +98,7 @@ def test_instruct_chats_follow_turns_and_describe():
                                    tokenizer.token_to_id(IMAGE_MARKER), 4, turns=1, caption_styles=["short"],
                                    describe=describe)
         for index in range(5):
-            answers = [seg for seg in document(index).segments if seg.loss]
+            answers = [seg for seg in document(index).segments if seg.target == NEXT_TOKEN]
             assert len(answers) == 1  # one turn, one supervised answer
             expected = world[index].conversation(1, describe)[1]["content"]
             assert tokenizer.decode(answers[0].tokens.tolist()).strip() == expected + "<|im_end|>"
@@ -108,21 +109,21 @@ def test_instruct_descriptions_follow_describe_styles():
     from polymodal.data.conversation import IMAGE_MARKER
     from polymodal.data.world import world_tokenizer
     from polymodal.data.world.text import caption
-    from polymodal.recipes.mmllm import world_documents
+    from polymodal.data.chat_documents import world_documents
 
     tokenizer = world_tokenizer()
     world = World("train", image_size=32)
     document = world_documents("instruct", tokenizer, ImageProcessor(32), world, tokenizer.token_to_id(IMAGE_MARKER),
                                4, turns=1, caption_styles=["short"], describe=1.0, describe_styles=["located"])
     for index in range(5):
-        answer = next(seg for seg in document(index).segments if seg.loss)
+        answer = next(seg for seg in document(index).segments if seg.target == NEXT_TOKEN)
         assert tokenizer.decode(answer.tokens.tolist()).strip() == caption(world[index], "located") + "<|im_end|>"
 
 
 def test_text_replay_mixes_the_share_of_text_chats_with_loss_on_the_answer_only():
     from polymodal.data.conversation import IMAGE_MARKER
     from polymodal.data.world import world_tokenizer
-    from polymodal.recipes.mmllm import with_text_replay, world_documents
+    from polymodal.data.chat_documents import with_text_replay, world_documents
 
     tokenizer = world_tokenizer()
     world = World("train", image_size=32)
@@ -133,7 +134,7 @@ def test_text_replay_mixes_the_share_of_text_chats_with_loss_on_the_answer_only(
     docs = [mixed(i) for i in range(400)]
     text_only = [d for d in docs if not any(s.modality == "image" for s in d.segments)]
     assert 0.18 < len(text_only) / len(docs) < 0.32
-    answers = {tokenizer.decode([t for s in d.segments if s.loss for t in s.tokens.tolist()]).strip() for d in text_only}
+    answers = {tokenizer.decode([t for s in d.segments if s.target == NEXT_TOKEN for t in s.tokens.tolist()]).strip() for d in text_only}
     assert answers == {"12<|im_end|>", "blue<|im_end|>"}  # the answer and its end-of-turn token
     assert [len(mixed(i)) for i in range(20)] == [len(d) for d in docs[:20]]  # the same choice on every epoch
     with pytest.raises(ValueError, match="no replay chats"):
@@ -161,12 +162,15 @@ def test_instruct_stage_replays_recorded_text_answers_and_reports_retention(tmp_
     align, instruct = tmp_path / "align", tmp_path / "instruct"
     assert main(["train", str(CONFIGS / "tiny_align.yaml"), f"train.out_dir={align}", "train.steps=2"]) == 0
     # A tiny random LM rarely ends a reply on its own, so the recorded answers are given, as a
-    # resumed run finds them: the recipe must reuse them rather than record its own.
+    # resumed run finds them (its own earlier output): the recipe must reuse them rather than record its own.
+    from polymodal.outputs import Manifest
+
     instruct.mkdir()
     base = ["four"] * len(RETENTION_QUESTIONS)
     (instruct / "base_text_answers.json").write_text(json.dumps({"replay": [["Say four.", "four"]], "retention": base}))
+    Manifest(instruct, "train", ["base_text_answers.json"]).save()
     assert main(["train", str(CONFIGS / "tiny_instruct.yaml"), f"train.out_dir={instruct}", f"init_from={align / 'final'}",
-                 "data.text_replay=0.5", "text_retention=true", "train.steps=3"]) == 0
+                 "data.text_replay=0.5", "text_retention=true", "train.steps=3", "train.resume=true"]) == 0
     assert "general questions keep the base model's answer" in capsys.readouterr().out
     report = json.loads((instruct / "retention.json").read_text())
     assert report["total"] == len(RETENTION_QUESTIONS) and [i["base"] for i in report["items"]] == base
@@ -194,7 +198,10 @@ def test_seen_token_record_resumes_with_the_run(tmp_path):
 
     straight = run(tmp_path / "straight", 6)
     first = run(tmp_path / "resumed", 3)
-    assert torch.equal(SeenTokens.load(tmp_path / "resumed" / SEEN_TOKENS_FILE).seen, first)
+    from polymodal.train.state import load_training_state
+
+    checkpoint = load_training_state(tmp_path / "resumed" / "checkpoints" / "step-0000003")
+    assert torch.equal(checkpoint.extra["seen_tokens"]["seen"], first)  # the record is training state
     assert torch.equal(run(tmp_path / "resumed", 6, "train.resume=true"), straight)
     assert not torch.equal(first, straight)  # the later steps did add ids
 
@@ -209,7 +216,8 @@ def test_vision_from_a_clip_checkpoint_takes_its_trained_tower_frozen(tmp_path):
     from polymodal.encoders.convnet import ConvNetConfig
     from polymodal.models.contrastive import ContrastiveModel, clip_tiny
     from polymodal.models.mmllm import mmllm_tiny
-    from polymodal.recipes.mmllm import train_mmllm
+    from polymodal.models.registry import get_recipe
+    from polymodal.recipes.runner import run_training
     from polymodal.train.loop import TrainConfig
 
     torch.manual_seed(0)
@@ -220,7 +228,8 @@ def test_vision_from_a_clip_checkpoint_takes_its_trained_tower_frozen(tmp_path):
     config = MMLLMRecipeConfig(vision_from=str(tmp_path / "clip"), model=model_config,
                                data=MMLLMDataConfig(num_scenes=16, docs_per_batch=4, max_tokens=256),
                                train=TrainConfig(steps=3, lr=1e-3, out_dir=str(tmp_path / "align")))
-    model, _, _, final = train_mmllm(config)
+    run = run_training(config, get_recipe("mmllm")[1])
+    model, final = run.model, run.final
     assert model.config.vision_tower == "cnn" and model.image_tokens == 16  # 32 px / 2^3: a 4 x 4 map
     pixels = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():

@@ -26,8 +26,11 @@ def test_records_real_positions_only_and_round_trips(tmp_path):
     assert seen.seen.nonzero().flatten().tolist() == [1, 2, 3]  # padding's id 0 is not "seen"
     seen.save(tmp_path / "seen.json")
     assert torch.equal(SeenTokens.load(tmp_path / "seen.json").seen, seen.seen)
-    assert torch.equal(SeenTokens.resume_or_new(tmp_path / "seen.json", 10).seen, seen.seen)
-    assert not SeenTokens.resume_or_new(tmp_path / "missing.json", 10).seen.any()
+    restored = SeenTokens(10)
+    restored.load_state_dict(seen.state_dict())  # the training-state form, restored on resume
+    assert torch.equal(restored.seen, seen.seen)
+    with pytest.raises(ValueError, match="10 ids, this vocabulary 12"):
+        SeenTokens(12).load_state_dict(seen.state_dict())
     (tmp_path / "bad.json").write_text(json.dumps({"ids": [1]}))
     with pytest.raises(ValueError, match="bad.json: not a seen-tokens file"):
         SeenTokens.load(tmp_path / "bad.json")

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from polymodal.train.contrastive_loss import caption_loss, clip_loss, siglip_loss
+from polymodal.train.objectives.contrastive import caption_loss, clip_loss, siglip_loss
 
 
 def _naive_clip(img, txt, scale):

@@ -55,7 +55,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, sequence
     config = TrainConfig(steps=10, lr=1e-2, ckpt_every=1, keep_checkpoints=0, out_dir=str(tmp_path))
     with pytest.raises(NonFiniteLossError, match="step 3, micro-batch 0") as info:
         train(model, IndexedBatches(lambda i: sequences[:4]), loss_fn, config,
-              on_step=lambda log: snapshots.setdefault(log.step, {k: v.clone() for k, v in model.state_dict().items()}))
+              callbacks=[lambda c: snapshots.setdefault(c.step, {k: v.clone() for k, v in model.state_dict().items()})])
     assert info.value.step == 3 and info.value.micro_batch == 0
     root = tmp_path / "checkpoints"
     assert [p.name for p in list_training_checkpoints(root)] == ["step-0000001", "step-0000002"]
@@ -86,7 +86,7 @@ def test_checkpoints_metrics_plot_and_pruning(tmp_path, sequences, make_model, l
     config = TrainConfig(steps=6, lr=1e-2, warmup_steps=2, ckpt_every=2, keep_checkpoints=2, log_every=3,
                          out_dir=str(tmp_path))
     result = train(make_model(0), IndexedBatches(lambda i: sequences[(4 * i) % 48:(4 * i) % 48 + 4]), lm_loss,
-                   config, tokens_in_batch=lambda b: b.numel(), on_step=logs.append)
+                   config, tokens_in_batch=lambda b: b.numel(), callbacks=[lambda c: logs.append(c.log)])
     root = tmp_path / "checkpoints"
     assert [p.name for p in list_training_checkpoints(root)] == ["step-0000004", "step-0000006"]
     assert result.checkpoint == root / "step-0000006" and result.step == 6 and len(result.losses) == 6

@@ -28,8 +28,8 @@ def _shuffled(sequences):
 
 
 def _crash_at(step):
-    def on_step(log):
-        if log.step == step:
+    def on_step(context):
+        if context.step == step:
             raise Crash(step)
     return on_step
 
@@ -39,7 +39,7 @@ def test_resume_is_bit_identical_with_shuffling_and_dropout(tmp_path, sequences,
     straight = train(straight_model, _shuffled(sequences), lm_loss, _config(tmp_path / "a"))
 
     with pytest.raises(Crash):
-        train(make_model(0), _shuffled(sequences), lm_loss, _config(tmp_path / "b"), on_step=_crash_at(7))
+        train(make_model(0), _shuffled(sequences), lm_loss, _config(tmp_path / "b"), callbacks=[_crash_at(7)])
     assert find_latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step-0000005"
     resumed_model = make_model(12345)  # a different init: everything must come from the checkpoint
     resumed = train(resumed_model, _shuffled(sequences), lm_loss, _config(tmp_path / "b"))
@@ -64,7 +64,7 @@ def test_resume_with_plain_iterable_fast_forwards(tmp_path, sequences, make_mode
     straight = train(make_model(0), batches, lm_loss, config)
     with pytest.raises(Crash):
         train(make_model(0), batches, lm_loss, _config(tmp_path / "b", steps=6, ckpt_every=3, grad_accum=1),
-              on_step=_crash_at(4))
+              callbacks=[_crash_at(4)])
     resumed = train(make_model(1), batches, lm_loss,
                     _config(tmp_path / "b", steps=6, ckpt_every=3, grad_accum=1))
     assert resumed.losses == straight.losses

@@ -7,7 +7,9 @@ each caption is a separate sample).
 
 Bad entries (an image without id/file name, a duplicate id, an annotation pointing at an
 unknown image or with an empty caption, an image with no caption, a file name escaping the
-image root or missing) are skipped with a counted warning naming the file and entry.
+image root or missing, a value of the wrong type in any field) are skipped with a counted
+warning naming the file and entry. A file whose top level is not an object with list-valued
+"images" and "annotations" is an error, not a skip: nothing in it can be trusted.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from polymodal.data.image import resolve_under
-from polymodal.data.loading import DataError, SkipCounter, read_json
+from polymodal.data.image import check_image_file, resolve_under
+from polymodal.data.loading import DataError, SkipCounter, check_text, describe, read_json, short_repr
 
 
 @dataclass
@@ -75,24 +77,22 @@ class CocoCaptionsReader:
             try:
                 image_id, path = self._parse_image(entry)
                 if image_id in images:
-                    raise DataError(f"duplicate image id {image_id!r}")
+                    raise DataError(f"duplicate image id {short_repr(image_id)}")
             except DataError as err:
                 counter.skip(f"images[{i}]", err)
                 continue
             images[image_id] = path
         captions: dict[int | str, list[str]] = {image_id: [] for image_id in images}
         for i, ann in enumerate(data["annotations"]):
-            if not isinstance(ann, dict) or "image_id" not in ann:
-                counter.skip(f"annotations[{i}]", "not an object with an 'image_id'")
-            elif ann["image_id"] not in captions:
-                counter.skip(f"annotations[{i}]", f"image_id {ann['image_id']!r} is not a (valid) image")
-            elif not isinstance(ann.get("caption"), str) or not ann["caption"].strip():
-                counter.skip(f"annotations[{i}]", "'caption' must be a non-empty string")
-            else:
-                captions[ann["image_id"]].append(ann["caption"])
+            try:
+                image_id, caption = _parse_annotation(ann, captions)
+            except DataError as err:
+                counter.skip(f"annotations[{i}]", err)
+                continue
+            captions[image_id].append(caption)
         for image_id, path in images.items():
             if not captions[image_id]:
-                counter.skip(f"image id {image_id!r}", "has no caption")
+                counter.skip(f"image id {short_repr(image_id)}", "has no caption")
             elif self.per_caption:
                 for caption in captions[image_id]:
                     yield CaptionPair(image_id=image_id, image=path, caption=caption)
@@ -101,15 +101,36 @@ class CocoCaptionsReader:
 
     def _parse_image(self, entry: object) -> tuple[int | str, Path]:
         """Validate one `images[]` entry; returns (id, resolved path)."""
-        if not isinstance(entry, dict) or not isinstance(entry.get("id"), (int, str)):
-            raise DataError("not an object with an int or string 'id'")
+        if not isinstance(entry, dict) or not _is_id(entry.get("id")):
+            raise DataError(f"not an object with an int or string 'id': {describe(entry)}")
+        if isinstance(entry["id"], str):
+            check_text(entry["id"], "'id'")
         name = entry.get("file_name")
         if not isinstance(name, str) or not name:
-            raise DataError("'file_name' must be a non-empty string")
-        path = resolve_under(self.image_root, name)
-        if self.check_files and not path.is_file():
-            raise DataError(f"image file {path} not found")
+            raise DataError(f"'file_name' must be a non-empty string, got {describe(name)}")
+        path = resolve_under(self.image_root, check_text(name, "'file_name'"))
+        if self.check_files:
+            check_image_file(path)
         return entry["id"], path
+
+
+def _is_id(value: object) -> bool:
+    """COCO ids are ints or strings; bools are ints to Python but `True` would alias id 1."""
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def _parse_annotation(ann: object, captions: dict) -> tuple[int | str, str]:
+    """Validate one `annotations[]` entry against the valid image ids; returns (image id, caption)."""
+    if not isinstance(ann, dict) or "image_id" not in ann:
+        raise DataError(f"not an object with an 'image_id': {describe(ann)}")
+    image_id = ann["image_id"]
+    # Checked before the lookup: a list or dict image_id is unhashable and would crash it.
+    if not _is_id(image_id) or image_id not in captions:
+        raise DataError(f"image_id {short_repr(image_id)} is not a (valid) image")
+    caption = ann.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        raise DataError(f"'caption' must be a non-empty string, got {describe(caption)}")
+    return image_id, check_text(caption, "'caption'")
 
 
 def _load(path: Path) -> dict:

@@ -2,30 +2,33 @@
 
 Large data sets (LAION, DataComp, CC12M as released by img2dataset) come as many tar shards that
 are read sequentially, never randomly: that is what makes them fast on network storage. The
-reader streams them with the `webdataset` library and decodes images with our safe decoder.
+reader streams each local shard with `tarstream.iter_shard` (the `webdataset` library only
+expands brace patterns: its own tar reader drops the tail of a truncated shard silently, and its
+`pipe:` URLs would run shell commands) and decodes images with our safe decoder.
 
 Sharding: shards are dealt to ranks first (`shards[rank::world_size]`, given explicitly so the
 reader needs no initialized process group), then to the DataLoader workers of each rank
-(`webdataset.split_by_worker`), so every sample is read exactly once per epoch across the job.
+(`shards[worker::num_workers]`), so every sample is read exactly once per epoch across the job.
 Give at least `world_size * num_workers` shards, or some workers idle.
 
-A corrupt shard or sample (truncated tar, undecodable image, missing caption, invalid JSON) is
-skipped with a counted warning naming the shard and key, or raises in strict mode.
+A corrupt shard or sample (a truncated or corrupt tar, reported with the byte offset where it
+broke; an undecodable image, a missing caption, invalid JSON, a member name without a key, a
+link member) is skipped with a counted warning naming the shard and key, or raises in strict mode.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from itertools import islice
 
 import torch
 import webdataset as wds
 from PIL import Image
 
+from polymodal.data.formats.tarstream import DEFAULT_MAX_MEMBER_BYTES, TarSample, iter_shard
 from polymodal.data.image import DEFAULT_MAX_PIXELS, decode_image
-from polymodal.data.loading import DataError, SkipCounter
+from polymodal.data.loading import DataError, SkipCounter, loads_json
+from polymodal.errors import UsageError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -58,6 +61,7 @@ class WebDatasetReader(torch.utils.data.IterableDataset):
         world_size: number of ranks; must not exceed the number of shards.
         strict: raise `DataError` on the first bad shard or sample instead of skipping it.
         max_pixels: decompression-bomb limit passed to the image decoder.
+        max_member_bytes: largest tar member read into memory; a larger one skips its sample.
 
     Attributes:
         skipped: `SkipCounter` of the last iteration in this process (one per worker).
@@ -70,15 +74,16 @@ class WebDatasetReader(torch.utils.data.IterableDataset):
         world_size: int = 1,
         strict: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     ):
         super().__init__()
         self.urls = list(wds.shardlists.expand_urls(shards)) if isinstance(shards, str) else [str(s) for s in shards]
         if not self.urls:
-            raise ValueError(f"WebDatasetReader: no shards in {shards!r}")
+            raise UsageError(f"WebDatasetReader: no shards in {shards!r}")
         if not 0 <= rank < world_size:
-            raise ValueError(f"WebDatasetReader: rank={rank} must be in [0, world_size={world_size})")
+            raise UsageError(f"WebDatasetReader: rank={rank} must be in [0, world_size={world_size})")
         if world_size > len(self.urls):
-            raise ValueError(
+            raise UsageError(
                 f"WebDatasetReader: world_size={world_size} exceeds the {len(self.urls)} shard(s); "
                 "some ranks would get no data"
             )
@@ -88,63 +93,45 @@ class WebDatasetReader(torch.utils.data.IterableDataset):
         self.world_size = world_size
         self.strict = strict
         self.max_pixels = max_pixels
+        self.max_member_bytes = max_member_bytes
         self.skipped = SkipCounter(self.source, strict)
-        self._last_tar_error: object = None
 
     def __iter__(self) -> Iterator[WebDatasetRecord]:
         self.skipped = SkipCounter(self.source, self.strict)
-        self._last_tar_error = None
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(self.urls),
-            self._split_by_rank,
-            wds.split_by_worker,
-            wds.tarfile_to_samples(handler=self._tar_error),
-            self._decode_samples,
-        )
-        return iter(pipeline)
+        for shard in self._my_shards():
+            for sample in iter_shard(shard, self.skipped, self.max_member_bytes):
+                try:
+                    yield self._decode(sample)
+                except DataError as err:
+                    self.skipped.skip(f"{shard}: key {sample.key}", err)
 
-    def _split_by_rank(self, src: Iterable[dict]) -> Iterator[dict]:
-        """Pipeline stage keeping this rank's shards (webdataset's split_by_node, explicit rank)."""
-        return islice(src, self.rank, None, self.world_size)
+    def _my_shards(self) -> list[str]:
+        """This rank's shards (`urls[rank::world_size]`), then this DataLoader worker's share of them."""
+        shards = self.urls[self.rank :: self.world_size]
+        worker = torch.utils.data.get_worker_info()
+        return shards if worker is None else shards[worker.id :: worker.num_workers]
 
-    def _tar_error(self, exn: Exception) -> bool:
-        """webdataset handler for unreadable shards/members: count and continue (or raise if strict)."""
-        # webdataset reports one tar error twice (member loop, then shard loop with the url
-        # appended to args); count it once.
-        first = exn.args[0] if exn.args else exn
-        if first != self._last_tar_error:
-            self._last_tar_error = first
-            self.skipped.skip("tar stream", exn)
-        return True
-
-    def _decode_samples(self, src: Iterable[dict]) -> Iterator[WebDatasetRecord]:
-        """Pipeline stage turning raw member dicts into records, skipping bad samples."""
-        for sample in src:
-            key, shard = sample.get("__key__", "?"), sample.get("__url__", "?")
-            try:
-                yield self._decode(sample, key, shard)
-            except DataError as err:
-                self.skipped.skip(f"{shard}: key {key}", err)
-
-    def _decode(self, sample: dict, key: str, shard: str) -> WebDatasetRecord:
+    def _decode(self, sample: TarSample) -> WebDatasetRecord:
         """Decode one sample's members; raises `DataError` naming what is wrong."""
-        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        if sample.problem is not None:
+            raise DataError(sample.problem)
+        members = sample.members
+        ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
         if ext is None:
-            members = sorted(k for k in sample if not k.startswith("__"))
-            raise DataError(f"no image member (.{'/.'.join(IMAGE_EXTENSIONS)}); members: {members}")
-        if "txt" not in sample and "json" not in sample:
+            raise DataError(f"no image member (.{'/.'.join(IMAGE_EXTENSIONS)}); members: {sorted(members)}")
+        if "txt" not in members and "json" not in members:
             raise DataError("no .txt or .json member")
-        image = decode_image(sample[ext], f"{shard}:{key}.{ext}", self.max_pixels)
+        image = decode_image(members[ext], f"{sample.shard}:{sample.key}.{ext}", self.max_pixels)
         try:
-            text = sample["txt"].decode("utf-8") if "txt" in sample else None
+            text = members["txt"].decode("utf-8") if "txt" in members else None
         except UnicodeDecodeError as err:
             raise DataError(f".txt member is not UTF-8: {err}") from err
         meta = None
-        if "json" in sample:
+        if "json" in members:
             try:
-                meta = json.loads(sample["json"])
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise DataError(f".json member is not valid JSON: {err}") from err
+                meta = loads_json(members["json"])
+            except DataError as err:
+                raise DataError(f".json member: {err}") from err.__cause__
             if not isinstance(meta, dict):
                 raise DataError(f".json member is a {type(meta).__name__}, expected an object")
-        return WebDatasetRecord(key=key, image=image, text=text, meta=meta, shard=shard)
+        return WebDatasetRecord(key=sample.key, image=image, text=text, meta=meta, shard=sample.shard)

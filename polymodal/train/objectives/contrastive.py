@@ -1,4 +1,7 @@
-"""Contrastive losses: CLIP's symmetric InfoNCE and SigLIP's pairwise sigmoid loss.
+"""Contrastive objectives: CLIP's symmetric InfoNCE, SigLIP's pairwise sigmoid loss, CoCa's caption loss.
+
+`contrastive_loss(model, batch)` is the `clip` family's objective: it reads a dual encoder's
+normalised embeddings (and CoCa's caption logits) and applies the loss its config names.
 
 Both take L2-normalised embeddings of B matching (image, text) pairs, row i of each being a pair.
 
@@ -108,3 +111,21 @@ def caption_loss(logits: torch.Tensor, captions: torch.Tensor, attention_mask: t
     if attention_mask is not None:
         targets = targets.masked_fill(attention_mask[:, 1:] == 0, -100)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
+
+
+def contrastive_loss(model, batch: dict) -> torch.Tensor:
+    """The dual-encoder objective of a batch {"pixel_values", "input_ids", "attention_mask"?,
+    "captions"?, "caption_mask"?}: `model.config.loss` ("clip" or "siglip") on the pairs, plus, for
+    CoCa, `caption_loss_weight` x the captioning loss of `captions` (default: the input texts)."""
+    out = model(**batch)
+    scale = model.scale()
+    if model.config.loss == "siglip":
+        loss = siglip_loss(out.image_embeds, out.text_embeds, scale, model.logit_bias)
+    else:
+        loss = clip_loss(out.image_embeds, out.text_embeds, scale)
+    if out.caption_logits is not None:
+        captions, mask = batch.get("captions"), batch.get("caption_mask")
+        if captions is None:
+            captions, mask = batch["input_ids"], batch.get("attention_mask")
+        loss = loss + model.config.caption_loss_weight * caption_loss(out.caption_logits, captions, mask)
+    return loss

@@ -1,0 +1,58 @@
+"""What the generating commands (`polymodal complete`, `polymodal chat`) share on the command line.
+
+stdout carries the answer and nothing else, so a reply can be piped; everything about the run
+goes to stderr: what is loading and how long it took (a GGUF takes seconds to minutes), and
+warnings, one line each ("polymodal chat: warning: ...") rather than Python's file:line form.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+from polymodal.errors import UsageError
+from polymodal.infer.limits import ContextWarning
+
+
+def parameter_count(model) -> str:
+    """The model's parameter count for people: "135.0M parameters", or the exact count below 100k."""
+    count = sum(p.numel() for p in model.parameters())
+    return f"{count / 1e6:.1f}M parameters" if count >= 100_000 else f"{count:,} parameters"
+
+
+def load_for_task(path: str | Path, task: str, log: TextIO):
+    """Load the model at `path` for `task` ("complete", "chat"), saying on `log` what loads and how long it took.
+
+    Returns (model, tokenizer). Raises `UnsupportedTaskError` when the model cannot do `task`
+    (checked before anything is tokenized) and `UsageError` naming `path` when it has no tokenizer.
+    """
+    from polymodal.api import load
+    from polymodal.models.registry import require_task
+
+    print(f"loading {path} ...", file=log, flush=True)
+    start = time.perf_counter()
+    model, tokenizer = load(path)
+    family = getattr(model, "family", type(model).__name__)
+    print(f"loaded {family} model ({parameter_count(model)}) in {time.perf_counter() - start:.1f} s",
+          file=log, flush=True)
+    require_task(model, task)
+    if tokenizer is None:
+        raise UsageError(f"{path} has no tokenizer; `polymodal {task}` needs one to read the prompt (save the "
+                         "checkpoint with its tokenizer, or give an HF folder with tokenizer.json)")
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def warnings_as_lines(command: str, err: TextIO) -> Iterator[None]:
+    """Within the block, print each warning as one line "polymodal COMMAND: warning: MESSAGE" on
+    `err`; every `ContextWarning` is shown (each says something about the current request)."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"polymodal {command}: warning: {message}", file=err, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ContextWarning)
+        warnings.showwarning = show
+        yield

@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     except (PolymodalError, OSError, ValueError, KeyError) as err:
         return _report(args.command, err, debug, EXIT_USER_ERROR, "error")
     except Exception as err:  # a bug, not a user error: still one line, and how to see more
+        if debug:
+            raise
         message = f"internal error {type(err).__name__}: {_one_line(err)} (run with {DEBUG_FLAG} for the traceback)"
         return _report(args.command, message, debug, EXIT_INTERNAL, "error")
     return 0

@@ -33,17 +33,22 @@ class Manifest:
     writer: str
     files: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self._claimed = set(self.files)  # O(1) membership: an export may claim many thousands of files
+
     def claim(self, relative: str | Path) -> Path:
         """The path of a file (or a whole folder) this command is about to write; refuses one that
         exists and that polymodal did not write (an earlier run's claims were removed by
         `claim_folder`). A claimed folder is the command's own, and an overwrite removes it whole."""
         name = Path(relative).as_posix()
         path = self.folder / name
-        if (path.exists() or path.is_symlink()) and name not in self.files:
+        claimed = name in self._claimed
+        if (path.exists() or path.is_symlink()) and not claimed:
             raise DestinationExistsError(f"{path} exists and was not written by polymodal {self.writer}; "
                                          "move it away or choose another output folder")
-        if name not in self.files:
+        if not claimed:
             self.files.append(name)
+            self._claimed.add(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -60,7 +65,7 @@ def read_manifest(folder: str | Path) -> Manifest | None:
     try:
         record = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
         writer, files = record["writer"], record["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
     if not isinstance(writer, str) or not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         return None

@@ -14,6 +14,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from polymodal.bounds import (
+    MAX_HEADS,
+    MAX_INTERMEDIATE,
+    MAX_LAYERS,
+    MAX_POSITIONS,
+    MAX_VOCAB,
+    MAX_WIDTH,
+    check_float,
+    check_int,
+    check_multiple,
+    check_token_id,
+)
+from polymodal.errors import ConfigError
 from polymodal.nn.init import init_weights
 from polymodal.nn.kv_cache import KVCache
 from polymodal.nn.norms import RMSNorm
@@ -48,6 +61,69 @@ class DecoderConfig:
     def resolved_head_dim(self) -> int:
         """head_dim, defaulting to hidden_size / num_heads."""
         return self.head_dim or self.hidden_size // self.num_heads
+
+    def __post_init__(self) -> None:
+        """Check every size against `polymodal.bounds` before anything is built."""
+        owner = "DecoderConfig"
+        check_int(owner, "vocab_size", self.vocab_size, 1, MAX_VOCAB)
+        check_int(owner, "hidden_size", self.hidden_size, 1, MAX_WIDTH)
+        check_int(owner, "intermediate_size", self.intermediate_size, 1, MAX_INTERMEDIATE)
+        check_int(owner, "num_layers", self.num_layers, 1, MAX_LAYERS)
+        check_int(owner, "num_heads", self.num_heads, 1, MAX_HEADS)
+        check_int(owner, "num_kv_heads", self.num_kv_heads, 1, self.num_heads)
+        check_multiple(owner, "num_heads", self.num_heads, "num_kv_heads", self.num_kv_heads)
+        if self.head_dim is None:
+            check_multiple(owner, "hidden_size", self.hidden_size, "num_heads", self.num_heads)
+        else:
+            check_int(owner, "head_dim", self.head_dim, 1, MAX_WIDTH)
+        if self.resolved_head_dim % 2:  # RoPE rotates dimension j with j + D/2
+            source = "" if self.head_dim else " (hidden_size / num_heads)"
+            raise ConfigError(f"{owner}.head_dim must be even for RoPE, got {self.resolved_head_dim}{source}")
+        check_float(owner, "rms_norm_eps", self.rms_norm_eps, 0, 1, low_open=True)
+        check_float(owner, "rope_theta", self.rope_theta, 0, low_open=True)
+        _check_rope_scaling(owner, self.rope_scaling)
+        check_int(owner, "max_position_embeddings", self.max_position_embeddings, 1, MAX_POSITIONS)
+        check_token_id(owner, "bos_token_id", self.bos_token_id, self.vocab_size)
+        check_token_id(owner, "pad_token_id", self.pad_token_id, self.vocab_size)
+        if isinstance(self.eos_token_id, (list, tuple)):  # several ids end a turn (Llama 3 instruct)
+            for i, token in enumerate(self.eos_token_id):
+                check_token_id(owner, f"eos_token_id[{i}]", token, self.vocab_size)
+        else:
+            check_token_id(owner, "eos_token_id", self.eos_token_id, self.vocab_size)
+
+
+# The keys each `rope_scaling` type reads (see `polymodal.nn.rope.rope_inv_freq`), besides its type.
+_ROPE_SCALING_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _check_rope_scaling(owner: str, scaling: dict | None) -> None:
+    """Raise `ConfigError` unless `scaling` is None or an HF-style `rope_scaling` dict we can apply:
+    a known type (under "rope_type" or the older "type"), exactly that type's keys, finite positive values."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"{owner}.rope_scaling must be a mapping or null, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if not isinstance(kind, str) or kind not in _ROPE_SCALING_KEYS:
+        raise ConfigError(f"{owner}.rope_scaling type must be one of {list(_ROPE_SCALING_KEYS)}, got {kind!r}")
+    needed = set(_ROPE_SCALING_KEYS[kind])
+    given = set(scaling) - {"rope_type", "type"}
+    if given != needed:
+        raise ConfigError(f"{owner}.rope_scaling of type {kind!r} takes the keys {sorted(needed)}, "
+                          f"got {sorted(given)}")
+    for key in sorted(needed - {"original_max_position_embeddings"}):
+        check_float(owner, f"rope_scaling.{key}", scaling[key], 0, low_open=True)
+    if kind == "llama3":
+        check_int(owner, "rope_scaling.original_max_position_embeddings",
+                  scaling["original_max_position_embeddings"], 1, MAX_POSITIONS)
+        if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+            # The llama3 rule divides by (high_freq_factor - low_freq_factor).
+            raise ConfigError(f"{owner}.rope_scaling.high_freq_factor ({scaling['high_freq_factor']}) must be "
+                              f"above low_freq_factor ({scaling['low_freq_factor']})")
 
 
 @dataclass

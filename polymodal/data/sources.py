@@ -31,6 +31,7 @@ from PIL import Image
 from polymodal.data.conversation import IMAGE_MARKER
 from polymodal.data.image import decode_image, load_image
 from polymodal.data.loading import DataError, SkipCounter
+from polymodal.errors import ConfigError
 
 IMAGE_TEXT_SOURCES = ("coco", "webdataset", "folder", "pairs")
 CONVERSATION_SOURCES = ("llava", "coco", "webdataset")
@@ -59,14 +60,14 @@ class SourceConfig:
     def check(self, known: Sequence[str], where: str) -> "SourceConfig":
         """Validate against the sources a recipe knows (`where` names the config field); returns self."""
         if self.source not in known:
-            raise DataError(f"{where}.source must be one of {list(known)}, got {self.source!r}")
+            raise ConfigError(f"{where}.source must be one of {list(known)}, got {self.source!r}")
         needs_path = self.source not in ("world", "fashion-mnist")
         if needs_path and not self.path:
-            raise DataError(f"{where}.path is required for source {self.source!r} (the file, folder or shard pattern)")
+            raise ConfigError(f"{where}.path is required for source {self.source!r} (the file, folder or shard pattern)")
         if not needs_path and (self.path or self.image_root):
-            raise DataError(f"{where}: source {self.source!r} is built in; it takes no path or image_root")
+            raise ConfigError(f"{where}: source {self.source!r} is built in; it takes no path or image_root")
         if not (math.isfinite(self.weight) and self.weight > 0):
-            raise DataError(f"{where}.weight must be a positive number, got {self.weight}")
+            raise ConfigError(f"{where}.weight must be a positive number, got {self.weight}")
         return self
 
 

@@ -20,6 +20,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from polymodal.bounds import (
+    MAX_HEADS,
+    MAX_INTERMEDIATE,
+    MAX_LAYERS,
+    MAX_POSITIONS,
+    MAX_VOCAB,
+    MAX_WIDTH,
+    check_float,
+    check_int,
+    check_multiple,
+    check_token_id,
+)
 from polymodal.nn.transformer import TransformerStack, build_block
 
 POOLS = ("eos", "last", "mean", "cls")
@@ -47,6 +59,25 @@ class TextEncoderConfig:
     legacy_eos_argmax: bool | None = None
     head: bool = False  # SigLIP's text `head` linear applied to the pooled feature
     projection_size: int | None = None  # output width of `head` (SigLIP's projection_size); None = hidden_size
+
+    def __post_init__(self) -> None:
+        """Check every size against `polymodal.bounds` before anything is built."""
+        owner = "TextEncoderConfig"
+        check_int(owner, "vocab_size", self.vocab_size, 1, MAX_VOCAB)
+        check_int(owner, "hidden_size", self.hidden_size, 1, MAX_WIDTH)
+        check_int(owner, "num_layers", self.num_layers, 1, MAX_LAYERS)
+        check_int(owner, "num_heads", self.num_heads, 1, MAX_HEADS)
+        check_multiple(owner, "hidden_size", self.hidden_size, "num_heads", self.num_heads)
+        check_int(owner, "intermediate_size", self.intermediate_size, 1, MAX_INTERMEDIATE)
+        check_int(owner, "max_positions", self.max_positions, 1, MAX_POSITIONS)
+        check_float(owner, "norm_eps", self.norm_eps, 0, 1, low_open=True)
+        if self.pool == "eos":
+            check_token_id(owner, "eos_token_id", self.eos_token_id, self.vocab_size)
+        else:
+            # Unused by the other pool rules, and SigLIP configs carry CLIP's 49407 over a 32000 vocabulary.
+            check_int(owner, "eos_token_id", self.eos_token_id, 0, MAX_VOCAB - 1)
+        if self.projection_size is not None:
+            check_int(owner, "projection_size", self.projection_size, 1, MAX_WIDTH)
 
 
 @dataclass

@@ -9,12 +9,25 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from polymodal.bounds import (
+    MAX_HEADS,
+    MAX_IMAGE_CHANNELS,
+    MAX_IMAGE_SIZE,
+    MAX_INTERMEDIATE,
+    MAX_LAYERS,
+    MAX_POSITIONS,
+    MAX_WIDTH,
+    check_float,
+    check_int,
+    check_multiple,
+)
 from polymodal.nn.attention import Attention
 from polymodal.nn.mlp import GeluMLP
 from polymodal.nn.patch_embed import PatchEmbed2D
@@ -44,6 +57,21 @@ class ViTConfig:
     def grid(self) -> int:
         """Patches per side at the native resolution."""
         return self.image_size // self.patch_size
+
+    def __post_init__(self) -> None:
+        """Check every size against `polymodal.bounds` before anything is built."""
+        owner = "ViTConfig"
+        check_int(owner, "image_size", self.image_size, 1, MAX_IMAGE_SIZE)
+        check_int(owner, "patch_size", self.patch_size, 1, self.image_size)
+        # The position table holds grid^2 rows: keep the patches per image within the positions bound.
+        check_int(owner, "image_size // patch_size", self.grid, 1, math.isqrt(MAX_POSITIONS))
+        check_int(owner, "num_channels", self.num_channels, 1, MAX_IMAGE_CHANNELS)
+        check_int(owner, "hidden_size", self.hidden_size, 1, MAX_WIDTH)
+        check_int(owner, "num_layers", self.num_layers, 1, MAX_LAYERS)
+        check_int(owner, "num_heads", self.num_heads, 1, MAX_HEADS)
+        check_multiple(owner, "hidden_size", self.hidden_size, "num_heads", self.num_heads)
+        check_int(owner, "intermediate_size", self.intermediate_size, 1, MAX_INTERMEDIATE)
+        check_float(owner, "norm_eps", self.norm_eps, 0, 1, low_open=True)
 
 
 @dataclass

@@ -13,7 +13,7 @@ Without --init the quickstart's model is built fresh (random LM, frozen random p
 --untied gives it separate input and output word embeddings. An --init checkpoint that records
 the token ids its stage saw (an align checkpoint's seen_tokens.json) gets fresh rows for the
 others first, as the instruct stage does: so `--init ALIGN_CHECKPOINT` is a ~90 s test of whether
-that align stage's LM lets the comparison questions be learnt (benchmarks/RESULTS.md).
+that align stage's LM lets the comparison questions be learnt (docs/notes/quickstart.md).
 --scene-as words replaces the image by text naming each object ("red circle , blue star"), and
 scrambled names colors and shapes with words the questions never use for them (digits, number
 words), so scene and question share no token: this separates "the LM cannot learn the

@@ -54,8 +54,13 @@ def load_verbose(path: str | Path, device: "str | torch.device" = "cpu", dtype: 
     print(f"loading {path} ...", file=stream, flush=True)
     started = time.perf_counter()
     loaded = load(path, device=device, dtype=dtype)
-    params = sum(p.numel() for p in loaded.model.parameters())
     family = getattr(loaded.model, "family", type(loaded.model).__name__)
-    print(f"loaded a {family} model ({params / 1e6:.1f}M parameters) in {time.perf_counter() - started:.1f} s",
+    print(f"loaded {family} model ({parameter_count(loaded.model)}) in {time.perf_counter() - started:.1f} s",
           file=stream, flush=True)
     return loaded
+
+
+def parameter_count(model: "nn.Module") -> str:
+    """The model's parameter count for people: "135.0M parameters", or the exact count below 100k."""
+    count = sum(p.numel() for p in model.parameters())
+    return f"{count / 1e6:.1f}M parameters" if count >= 100_000 else f"{count:,} parameters"

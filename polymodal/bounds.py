@@ -49,9 +49,9 @@ def check_float(owner: str, name: str, value, low: float, high: float = math.inf
                 low_open: bool = False, high_open: bool = False) -> None:
     """Raise `ConfigError` unless `value` is a finite real number in the interval low..high.
 
-    low_open / high_open exclude the ends; an infinite `high` is always excluded (NaN and inf
-    never pass: a NaN eps or learning rate only shows up later as NaN losses)."""
-    high_open = high_open or math.isinf(high)
+    low_open / high_open exclude the ends; infinite ends are always excluded (NaN and inf never
+    pass: a NaN eps or learning rate would only show up later, as NaN losses)."""
+    low_open, high_open = low_open or math.isinf(low), high_open or math.isinf(high)
     interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     if not isinstance(value, Real) or isinstance(value, bool):
         raise ConfigError(f"{owner}.{name} must be a finite number in {interval}, got {value!r}")
@@ -78,4 +78,5 @@ def check_length(owner: str, name: str, value, low: int, high: int) -> None:
     if not isinstance(value, (list, tuple)):
         raise ConfigError(f"{owner}.{name} must be a list, got {value!r}")
     if not low <= len(value) <= high:
-        raise ConfigError(f"{owner}.{name} must have {low} to {high} items, got {len(value)}")
+        count = f"{low}" if low == high else f"{low} to {high}"
+        raise ConfigError(f"{owner}.{name} must have {count} items, got {len(value)}")

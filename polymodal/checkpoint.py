@@ -126,10 +126,7 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", dtyp
     if (folder / TOKENIZER_FILE).exists():
         from polymodal.tokenizers.text import TextTokenizer  # lazy: tokenizers are optional here
 
-        try:
-            tokenizer = TextTokenizer.from_pretrained(folder)
-        except Exception as err:  # the tokenizers library raises bare Exceptions for a corrupt file
-            raise CheckpointError(f"{folder / TOKENIZER_FILE} cannot be read as a tokenizer ({err})") from None
+        tokenizer = TextTokenizer.from_pretrained(folder)  # a corrupt file raises CheckpointError naming it
     return model, tokenizer
 
 

@@ -18,13 +18,11 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
+from polymodal.errors import ConfigError
+
 C = TypeVar("C")
 
 COMMAND_LINE = "command line"
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit its config dataclass."""
 
 
 def load_config(config_cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:

@@ -21,7 +21,6 @@ headers (`WebDatasetIndex`): a sample is read with one seek, so shards serve ran
 from __future__ import annotations
 
 import math
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -90,71 +89,44 @@ class ConversationItem:
 class WebDatasetIndex:
     """Random access to the samples of WebDataset tar shards, from their headers alone.
 
-    Samples are the runs of members sharing a key (the member path up to the first dot of its
-    file name), in shard order. A shard cut mid-archive keeps the samples before the cut; the
-    cut itself is a counted skip naming the shard and byte offset (an error in strict mode).
-    `self[i]` -> {extension: bytes} of sample i, read with one seek per member.
+    Samples are the runs of members sharing a key (`polymodal.data.formats.tarstream`), in shard
+    order. A shard cut or broken mid-archive keeps the samples before the break; the break is a
+    counted skip naming the shard and byte offset (an error in strict mode), as is a sample with
+    a bad member. `self[i]` -> {extension: bytes} of sample i, read with one seek per member.
     """
 
     def __init__(self, shards: str | Sequence[str], strict: bool = False) -> None:
         import webdataset as wds
 
+        from polymodal.data.formats.tarstream import iter_shard
+
         self.urls = list(wds.shardlists.expand_urls(shards)) if isinstance(shards, str) else [str(s) for s in shards]
         if not self.urls:
             raise DataError(f"webdataset: no shards in {shards!r}")
         self.skipped = SkipCounter(shards if isinstance(shards, str) else self.urls[0], strict)
-        self.samples: list[tuple[str, str, dict[str, tuple[int, int]]]] = []  # (shard, key, {ext: (offset, size)})
+        self.samples = []
         for url in self.urls:
-            self._index(url)
-
-    def _index(self, url: str) -> None:
-        path = Path(url)
-        if not path.is_file():
-            raise DataError(f"webdataset shard {url} does not exist")
-        size = path.stat().st_size
-        current: tuple[str, dict] | None = None
-        try:
-            with tarfile.open(url, mode="r:") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    if member.offset_data + member.size > size:
-                        raise tarfile.ReadError(f"member {member.name} runs past the end of the file")
-                    directory, _, name = member.name.rpartition("/")
-                    stem, dot, ext = name.partition(".")
-                    key = f"{directory}/{stem}" if directory else stem
-                    if not dot or not stem:
-                        self.skipped.skip(f"{url}: member {member.name}", "no key.extension name")
-                        continue
-                    if current is None or current[0] != key:
-                        current = (key, {})
-                        self.samples.append((url, key, current[1]))
-                    current[1][ext.lower()] = (member.offset_data, member.size)
-        except (tarfile.TarError, EOFError, OSError) as err:
-            self.skipped.skip(f"{url}: at byte {_tell(url, self.samples)}", f"truncated or corrupt archive ({err})")
+            for sample in iter_shard(url, self.skipped, read_data=False):
+                if sample.problem is not None:
+                    self.skipped.skip(f"{url}: key {sample.key}", sample.problem)
+                else:
+                    self.samples.append(sample)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, bytes]:
-        url, _, members = self.samples[index]
+        sample = self.samples[index]
         out = {}
-        with open(url, "rb") as handle:
-            for ext, (offset, size) in members.items():
+        with open(sample.shard, "rb") as handle:
+            for ext, (offset, size) in sample.spans.items():
                 handle.seek(offset)
                 out[ext] = handle.read(size)
         return out
 
     def where(self, index: int) -> str:
         """"shard: key K" of sample `index`, for messages."""
-        url, key, _ = self.samples[index]
-        return f"{url}: key {key}"
-
-
-def _tell(url: str, samples: list) -> int:
-    """The byte offset after the last indexed member of shard `url` (where its archive broke)."""
-    ends = [offset + size for shard, _, members in samples if shard == url for offset, size in members.values()]
-    return max(ends, default=0)
+        return f"{self.samples[index].shard}: key {self.samples[index].key}"
 
 
 def image_text_items(config: SourceConfig) -> list[ImageTextItem]:
@@ -209,8 +181,8 @@ def _webdataset_items(config: SourceConfig, conversations: bool, describe_prompt
 
     index = WebDatasetIndex(config.path, strict=config.strict)
     items = []
-    for i, (_, key, members) in enumerate(index.samples):
-        where = index.where(i)
+    for i, sample in enumerate(index.samples):
+        where, members = index.where(i), sample.spans
         ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
         try:
             if ext is None:

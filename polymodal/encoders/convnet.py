@@ -13,6 +13,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from polymodal.bounds import (
+    MAX_IMAGE_CHANNELS,
+    MAX_IMAGE_SIZE,
+    MAX_LAYERS,
+    MAX_WIDTH,
+    check_int,
+    check_length,
+    check_multiple,
+)
+
 
 @dataclass
 class ConvNetConfig:
@@ -28,6 +38,17 @@ class ConvNetConfig:
     groups: int = 8
     pool: str = "mean"
     position_embedding: bool = False
+
+    def __post_init__(self) -> None:
+        """Check every size against `polymodal.bounds` before anything is built."""
+        owner = "ConvNetConfig"
+        check_int(owner, "image_size", self.image_size, 1, MAX_IMAGE_SIZE)
+        check_int(owner, "num_channels", self.num_channels, 1, MAX_IMAGE_CHANNELS)
+        check_int(owner, "groups", self.groups, 1, MAX_WIDTH)
+        check_length(owner, "widths", self.widths, 1, MAX_LAYERS)
+        for i, width in enumerate(self.widths):
+            check_int(owner, f"widths[{i}]", width, 1, MAX_WIDTH)
+            check_multiple(owner, f"widths[{i}]", width, "groups", self.groups)  # GroupNorm splits channels evenly
 
     @property
     def hidden_size(self) -> int:

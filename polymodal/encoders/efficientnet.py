@@ -17,6 +17,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from polymodal.bounds import (
+    MAX_EXPAND_RATIO,
+    MAX_IMAGE_CHANNELS,
+    MAX_IMAGE_SIZE,
+    MAX_KERNEL_SIZE,
+    MAX_LAYERS,
+    MAX_VOCAB,
+    MAX_WIDTH,
+    check_float,
+    check_int,
+    check_length,
+)
+from polymodal.errors import ConfigError
+
 # (expand_ratio, kernel, stride, in_channels, out_channels, repeats) per stage: EfficientNet-B0,
 # which Lite0 keeps unscaled (width and depth multipliers 1.0).
 LITE0_STAGES = (
@@ -51,6 +65,41 @@ class EfficientNetConfig:
     image_size: int = 224
     pixel_mean: tuple = (127 / 255,) * 3
     pixel_std: tuple = (128 / 255,) * 3
+
+    def __post_init__(self) -> None:
+        """Check every size against `polymodal.bounds` before anything is built."""
+        owner = "EfficientNetConfig"
+        check_int(owner, "in_channels", self.in_channels, 1, MAX_IMAGE_CHANNELS)
+        check_int(owner, "stem_channels", self.stem_channels, 1, MAX_WIDTH)
+        check_int(owner, "head_channels", self.head_channels, 1, MAX_WIDTH)
+        check_int(owner, "num_classes", self.num_classes, 0, MAX_VOCAB)
+        check_float(owner, "bn_eps", self.bn_eps, 0, 1, low_open=True)
+        check_float(owner, "dropout", self.dropout, 0, 1, high_open=True)
+        check_int(owner, "image_size", self.image_size, 1, MAX_IMAGE_SIZE)
+        check_length(owner, "pixel_mean", self.pixel_mean, self.in_channels, self.in_channels)
+        check_length(owner, "pixel_std", self.pixel_std, self.in_channels, self.in_channels)
+        for i, (mean, std) in enumerate(zip(self.pixel_mean, self.pixel_std)):
+            check_float(owner, f"pixel_mean[{i}]", mean, -math.inf)
+            check_float(owner, f"pixel_std[{i}]", std, 0, low_open=True)  # `normalize` divides by it
+        self._check_stages(owner)
+
+    def _check_stages(self, owner: str) -> None:
+        """Each stage is 6 bounded integers, chained: its in_channels are the previous stage's out."""
+        check_length(owner, "stages", self.stages, 1, MAX_LAYERS)
+        ceilings = {"expand_ratio": MAX_EXPAND_RATIO, "kernel": MAX_KERNEL_SIZE, "stride": MAX_KERNEL_SIZE,
+                    "in_channels": MAX_WIDTH, "out_channels": MAX_WIDTH, "repeats": MAX_LAYERS}
+        channels = self.stem_channels
+        for i, stage in enumerate(self.stages):
+            check_length(owner, f"stages[{i}]", stage, len(ceilings), len(ceilings))
+            for (name, ceiling), value in zip(ceilings.items(), stage):
+                check_int(owner, f"stages[{i}].{name}", value, 1, ceiling)
+            if stage[3] != channels:
+                raise ConfigError(f"{owner}.stages[{i}].in_channels must be {channels} (the previous stage's "
+                                  f"out_channels, or stem_channels), got {stage[3]}")
+            channels = stage[4]
+        blocks = sum(stage[5] for stage in self.stages)  # one module per repeat
+        if blocks > MAX_LAYERS:
+            raise ConfigError(f"{owner}.stages must hold at most {MAX_LAYERS} blocks in all, got {blocks}")
 
 
 @dataclass

@@ -18,13 +18,16 @@ projection of the same cells, whose shape information is tied to the object's of
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polymodal.bounds import MAX_IMAGE_CHANNELS, MAX_IMAGE_SIZE, MAX_KERNEL_SIZE, MAX_POSITIONS, MAX_WIDTH, check_int
 from polymodal.encoders.convnet import ConvNetOutput
+from polymodal.errors import ConfigError
 
 
 @dataclass
@@ -46,13 +49,19 @@ class GridPoolConfig:
         return 2 * self.filters
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "num_channels", "filters", "kernel_size", "stride", "grid"):
+        """Check every size against `polymodal.bounds` before anything is built."""
+        ceilings = {"image_size": MAX_IMAGE_SIZE, "num_channels": MAX_IMAGE_CHANNELS, "filters": MAX_WIDTH,
+                    "kernel_size": MAX_KERNEL_SIZE, "stride": MAX_KERNEL_SIZE,
+                    "grid": math.isqrt(MAX_POSITIONS)}  # grid^2 tokens per image
+        for name in ceilings:
             if getattr(self, name) < 1:
-                raise ValueError(f"GridPoolConfig.{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"GridPoolConfig.{name} must be positive, got {getattr(self, name)}")
+        for name, ceiling in ceilings.items():
+            check_int("GridPoolConfig", name, getattr(self, name), 1, ceiling)
         side = (self.image_size + 2 * (self.kernel_size // 2) - self.kernel_size) // self.stride + 1
         if side < self.grid:
-            raise ValueError(f"GridPoolConfig: a {self.image_size} px image gives a {side} x {side} feature map "
-                             f"at stride {self.stride}, smaller than the {self.grid} x {self.grid} grid")
+            raise ConfigError(f"GridPoolConfig: a {self.image_size} px image gives a {side} x {side} feature map "
+                              f"at stride {self.stride}, smaller than the {self.grid} x {self.grid} grid")
 
 
 class GridPoolConvNet(nn.Module):

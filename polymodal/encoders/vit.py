@@ -67,7 +67,7 @@ class ViTConfig:
         check_int(owner, "image_size // patch_size", self.grid, 1, math.isqrt(MAX_POSITIONS))
         check_int(owner, "num_channels", self.num_channels, 1, MAX_IMAGE_CHANNELS)
         check_int(owner, "hidden_size", self.hidden_size, 1, MAX_WIDTH)
-        check_int(owner, "num_layers", self.num_layers, 1, MAX_LAYERS)
+        check_int(owner, "num_layers", self.num_layers, 0, MAX_LAYERS)  # 0: the patch projection alone
         check_int(owner, "num_heads", self.num_heads, 1, MAX_HEADS)
         check_multiple(owner, "hidden_size", self.hidden_size, "num_heads", self.num_heads)
         check_int(owner, "intermediate_size", self.intermediate_size, 1, MAX_INTERMEDIATE)

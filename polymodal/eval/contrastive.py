@@ -187,10 +187,14 @@ def evaluate(model, tokenizer, data: str = "world", split: str = "test", n: int 
 
     data "world": split val / test / compositional; zero-shot color, shape, position on n
     single-object scenes, and retrieval with n detailed captions. data "fashion-mnist": zero-shot
-    on the test split (n images; the whole split when n >= 10,000).
+    on the test split (n images; the whole split when n >= 10,000). progress: a bar over the suites.
     """
-    if data == "world":
-        return {**world_zero_shot(model, tokenizer, split, n), **world_retrieval(model, tokenizer, split, n)}
-    if data == "fashion-mnist":
-        return fashion_zero_shot(model, tokenizer, "test", n)
-    raise UsageError(f"--data: the clip family evaluates on 'world' or 'fashion-mnist', got {data!r}")
+    from tqdm import tqdm
+
+    suites = {"world": (world_zero_shot, world_retrieval), "fashion-mnist": (fashion_zero_shot,)}
+    if data not in suites:
+        raise UsageError(f"--data: the clip family evaluates on 'world' or 'fashion-mnist', got {data!r}")
+    metrics: dict[str, float] = {}
+    for suite in tqdm(suites[data], desc=f"eval clip ({data})", unit="suite", disable=not progress):
+        metrics.update(suite(model, tokenizer, split if data == "world" else "test", n))
+    return metrics

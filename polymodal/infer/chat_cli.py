@@ -15,7 +15,8 @@ from typing import TextIO
 
 from polymodal.errors import PolymodalError, UsageError
 from polymodal.infer.chat import ChatSession, is_multimodal
-from polymodal.infer.cli_common import load_for_task, parameter_count, warnings_as_lines
+from polymodal.api import parameter_count
+from polymodal.infer.cli_common import load_for_task, warnings_as_lines
 from polymodal.infer.generate import add_context_arguments, add_sampling_arguments
 
 COMMANDS = (

@@ -7,7 +7,6 @@ warnings, one line each ("polymodal chat: warning: ...") rather than Python's fi
 from __future__ import annotations
 
 import contextlib
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,27 +16,16 @@ from polymodal.errors import UsageError
 from polymodal.infer.limits import ContextWarning
 
 
-def parameter_count(model) -> str:
-    """The model's parameter count for people: "135.0M parameters", or the exact count below 100k."""
-    count = sum(p.numel() for p in model.parameters())
-    return f"{count / 1e6:.1f}M parameters" if count >= 100_000 else f"{count:,} parameters"
-
-
 def load_for_task(path: str | Path, task: str, log: TextIO):
     """Load the model at `path` for `task` ("complete", "chat"), saying on `log` what loads and how long it took.
 
     Returns (model, tokenizer). Raises `UnsupportedTaskError` when the model cannot do `task`
     (checked before anything is tokenized) and `UsageError` naming `path` when it has no tokenizer.
     """
-    from polymodal.api import load
+    from polymodal.api import load_verbose
     from polymodal.models.registry import require_task
 
-    print(f"loading {path} ...", file=log, flush=True)
-    start = time.perf_counter()
-    model, tokenizer = load(path)
-    family = getattr(model, "family", type(model).__name__)
-    print(f"loaded {family} model ({parameter_count(model)}) in {time.perf_counter() - start:.1f} s",
-          file=log, flush=True)
+    model, tokenizer = load_verbose(path, stream=log)
     require_task(model, task)
     if tokenizer is None:
         raise UsageError(f"{path} has no tokenizer; `polymodal {task}` needs one to read the prompt (save the "

@@ -4,7 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from polymodal.errors import CheckpointError, NotACheckpointError
+
 GGUF_MAGIC = b"GGUF"
+MAX_CONFIG_BYTES = 16 << 20  # a config.json is kilobytes; refuse to parse anything absurd
+# What an outside folder's config.json declares about its model: transformers' keys, diffusers' key.
+DECLARATION_KEYS = ("architectures", "model_type", "_class_name")
 
 
 def detect_format(path: str | Path) -> str:
@@ -12,7 +17,8 @@ def detect_format(path: str | Path) -> str:
 
     A polymodal checkpoint is a folder whose config.json has "format": "polymodal" (or a folder an
     interrupted save left aside as `.name.old-*`); an HF folder has a config.json with a
-    `model_type` or `architectures`; a GGUF file starts with the bytes "GGUF".
+    `model_type` or `architectures` (transformers) or a `_class_name` (diffusers); a GGUF file
+    starts with the bytes "GGUF".
     """
     path = Path(path)
     if path.is_file():
@@ -21,7 +27,7 @@ def detect_format(path: str | Path) -> str:
                 return "gguf"
         raise ValueError(f"{path} is a file but not a GGUF file (no 'GGUF' magic); checkpoints are folders or .gguf")
     if not path.exists():
-        from polymodal.checkpoint import NotACheckpointError, resolve_checkpoint_folder
+        from polymodal.checkpoint import resolve_checkpoint_folder
 
         try:
             resolve_checkpoint_folder(path)
@@ -34,20 +40,23 @@ def detect_format(path: str | Path) -> str:
     meta = read_hf_config(path)
     if meta.get("format") == "polymodal":
         return "polymodal"
-    if "model_type" in meta or "architectures" in meta:
+    if any(key in meta for key in DECLARATION_KEYS):
         return "hf"
-    raise ValueError(f"{config} has neither \"format\": \"polymodal\" nor an HF 'model_type'/'architectures'")
+    raise ValueError(f"{config} has neither \"format\": \"polymodal\" nor any of {list(DECLARATION_KEYS)}")
 
 
 def read_hf_config(folder: str | Path) -> dict:
-    """The parsed config.json of an HF folder (errors name the file)."""
+    """The parsed config.json of an HF folder; `NotACheckpointError` when absent, `CheckpointError`
+    naming the file when it is not a JSON object of sane size."""
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a Hugging Face model folder: it has no config.json")
+        raise NotACheckpointError(f"{folder} is not a Hugging Face model folder: it has no config.json")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path} is {path.stat().st_size} bytes, not a config file")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(cfg, dict):
-        raise ValueError(f"{path} must hold a JSON object")
+        raise CheckpointError(f"{path} must hold a JSON object")
     return cfg

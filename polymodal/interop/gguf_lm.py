@@ -8,6 +8,11 @@ Quantized tensors are dequantized to float32 with `gguf.quants.dequantize`.
 llama.cpp's converter permutes the rows of Llama's Q and K projections so that each rotary pair
 is adjacent (its "normal" RoPE); we use HF's rotate-half layout, so those rows are permuted back.
 Qwen2 GGUFs keep HF's layout (llama.cpp runs them with NEOX-style RoPE) and are used as stored.
+
+Import validates before it allocates: the metadata becomes a `DecoderConfig` (whose bounds are
+checked), the model is built on the `meta` device and the tensor names and shapes of the file are
+checked against it; only then are weights dequantized. A truncated or garbled file, an
+unsupported architecture or missing metadata raise a `CheckpointError` naming the file.
 """
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ from gguf.quants import dequantize
 
 from polymodal.backbones.decoder import DecoderConfig, DecoderLM
 from polymodal.checkpoint import load_state_dict_checked
-from polymodal.interop.namemap import NameMap, check_tensor_names
+from polymodal.errors import CheckpointError
+from polymodal.interop.converters import build_config
+from polymodal.interop.namemap import NameMap, check_tensor_names, shapes_of
 from polymodal.tokenizers.text import TextTokenizer
 
 GGUF_ARCHITECTURES = ("llama", "qwen2")
@@ -46,62 +53,93 @@ def _metadata(reader: GGUFReader) -> dict:
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
 
 
+def open_gguf(path: str | Path) -> GGUFReader:
+    """A reader over a GGUF file; a `CheckpointError` naming the file when it cannot be parsed."""
+    try:
+        return GGUFReader(path)
+    except Exception as err:  # gguf raises ValueError, IndexError, numpy errors ... for a damaged file
+        raise CheckpointError(f"{path} is not a readable GGUF file, it may be truncated or corrupt "
+                              f"({type(err).__name__}: {err})") from None
+
+
 def _rope_scaling(meta: dict, arch: str, source: str) -> dict | None:
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
     if kind == "none":
         return None
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
-    raise ValueError(f"{source}: {arch}.rope.scaling.type {kind!r} is not supported (supported: none, linear)")
+    raise CheckpointError(f"{source}: {arch}.rope.scaling.type {kind!r} is not supported (supported: none, linear)")
 
 
 def decoder_config_from_gguf(reader: GGUFReader, source: str) -> DecoderConfig:
-    """A `DecoderConfig` from the `{arch}.*` and `tokenizer.ggml.*` metadata of a GGUF file."""
+    """A `DecoderConfig` from the `{arch}.*` and `tokenizer.ggml.*` metadata of a GGUF file.
+
+    Raises `CheckpointError` naming `source` and the metadata key that is missing, malformed or
+    out of the config's bounds, or the architecture that is not supported."""
+    try:
+        return _decoder_config(reader, source)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, ArithmeticError) as err:
+        raise CheckpointError(f"{source}: malformed metadata ({type(err).__name__}: {err})") from None
+
+
+def _decoder_config(reader: GGUFReader, source: str) -> DecoderConfig:
     meta = _metadata(reader)
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
-        raise ValueError(f"{source}: general.architecture {arch!r} is not supported (supported: {GGUF_ARCHITECTURES})")
+        raise CheckpointError(f"{source}: general.architecture {arch!r} is not supported (supported: "
+                              f"{GGUF_ARCHITECTURES})")
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         # Llama-3.1-style GGUFs store per-frequency RoPE factors as a tensor, not as config fields.
-        raise ValueError(f"{source}: tensor 'rope_freqs.weight' (llama3 RoPE frequency factors) is not supported")
+        raise CheckpointError(f"{source}: tensor 'rope_freqs.weight' (llama3 RoPE frequency factors) is not supported")
 
-    def key(name: str, default=None):
+    def key(name: str, kind: type = int, default=None):
         value = meta.get(f"{arch}.{name}", default)
         if value is None:
-            raise ValueError(f"{source}: required metadata key {arch}.{name!r} is missing")
-        return value
+            raise CheckpointError(f"{source}: required metadata key '{arch}.{name}' is missing")
+        if isinstance(value, (str, bytes, list)):  # int("12") would pass for a number
+            raise CheckpointError(f"{source}: metadata key '{arch}.{name}' holds {value!r}, not a number")
+        return kind(value)
 
-    hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
-    head_dim = int(key("attention.key_length", hidden // heads))
-    rotary = int(key("rope.dimension_count", head_dim))
+    hidden, heads = key("embedding_length"), key("attention.head_count")
+    if heads < 1:  # checked here, before it divides the width
+        raise CheckpointError(f"{source}: metadata key '{arch}.attention.head_count' must be positive, got {heads}")
+    head_dim = key("attention.key_length", default=hidden // heads)
+    rotary = key("rope.dimension_count", default=head_dim)
     if rotary != head_dim:
-        raise ValueError(f"{source}: {arch}.rope.dimension_count={rotary} != head dim {head_dim} (partial RoPE)")
+        raise CheckpointError(f"{source}: {arch}.rope.dimension_count={rotary} != head dim {head_dim} (partial RoPE)")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = len(tokens.data) if tokens is not None else int(key("vocab_size"))
+    vocab = len(tokens.data) if tokens is not None else key("vocab_size")
 
     def token_id(name: str) -> int | None:
         value = reader.fields.get(f"tokenizer.ggml.{name}")
         return None if value is None else int(value.contents())
 
-    return DecoderConfig(
+    fields = dict(
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=int(key("feed_forward_length")),
-        num_layers=int(key("block_count")),
+        intermediate_size=key("feed_forward_length"),
+        num_layers=key("block_count"),
         num_heads=heads,
-        num_kv_heads=int(key("attention.head_count_kv", heads)),
+        num_kv_heads=key("attention.head_count_kv", default=heads),
         head_dim=head_dim if head_dim != hidden // heads else None,
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rms_norm_eps=key("attention.layer_norm_rms_epsilon", float),
+        rope_theta=key("rope.freq_base", float, 10000.0),
         rope_scaling=_rope_scaling(meta, arch, source),
-        max_position_embeddings=int(key("context_length")),
+        max_position_embeddings=key("context_length"),
         tie_word_embeddings="output.weight" not in names,
         attention_bias=arch == "qwen2",
         bos_token_id=token_id("bos_token_id"),
         eos_token_id=token_id("eos_token_id"),
         pad_token_id=token_id("padding_token_id"),
     )
+    keys = {"vocab_size": "tokenizer.ggml.tokens", "hidden_size": f"{arch}.embedding_length",
+            "intermediate_size": f"{arch}.feed_forward_length", "num_layers": f"{arch}.block_count",
+            "num_heads": f"{arch}.attention.head_count", "num_kv_heads": f"{arch}.attention.head_count_kv",
+            "head_dim": f"{arch}.attention.key_length", "max_position_embeddings": f"{arch}.context_length"}
+    return build_config(DecoderConfig, fields, source, keys)
 
 
 def _unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -130,25 +168,43 @@ def _tensor_to_torch(tensor) -> torch.Tensor:
     return torch.from_numpy(data if data.flags.writeable else data.copy())
 
 
+def _read_tokenizer(reader: GGUFReader, source: str) -> TextTokenizer:
+    """The tokenizer stored in the metadata; a `CheckpointError` naming the file when it is missing or malformed."""
+    try:
+        return TextTokenizer.from_gguf(reader)
+    except Exception as err:  # the tokenizers library raises bare Exceptions for a malformed vocabulary
+        raise CheckpointError(f"{source}: its tokenizer metadata (tokenizer.ggml.*) cannot be read "
+                              f"({type(err).__name__}: {err})") from None
+
+
 def import_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[DecoderLM, TextTokenizer]:
     """Load a llama/qwen2 GGUF file as (DecoderLM in eval mode, its TextTokenizer).
 
-    Weights are dequantized to float32 and then cast to `dtype`. Raises `CheckpointMismatchError`
-    naming GGUF tensors that are missing, unexpected or mis-shaped for the metadata's config.
+    Weights are dequantized to float32 and then cast to `dtype`. Raises `CheckpointError` naming
+    the file for a damaged file or unsupported metadata, and `CheckpointMismatchError` naming GGUF
+    tensors that are missing, unexpected or mis-shaped for the metadata's config, both before any
+    weight is dequantized.
     """
     path = Path(path)
     source = str(path)
-    reader = GGUFReader(path)
+    reader = open_gguf(path)
     config = decoder_config_from_gguf(reader, source)
     arch = reader.fields["general.architecture"].contents()
-    model = DecoderLM(config)
-    expected = {GGUF_LM_NAMES.to_foreign(n): t.shape for n, t in model.state_dict().items()
+    with torch.device("meta"):  # shapes only: no memory, whatever the metadata says
+        probe = DecoderLM(config)
+    expected = {GGUF_LM_NAMES.to_foreign(n): shape for n, shape in shapes_of(probe.state_dict()).items()
                 if not (config.tie_word_embeddings and n == "lm_head.weight")}
     found = {t.name: t for t in reader.tensors}
     check_tensor_names(expected, {n: _torch_shape(t) for n, t in found.items()}, source)
+    tokenizer = _read_tokenizer(reader, source)
+    model = DecoderLM(config)
     state = {}
     for gguf_name, tensor in found.items():
-        weight = _tensor_to_torch(tensor)
+        try:
+            weight = _tensor_to_torch(tensor)
+        except (ValueError, TypeError, NotImplementedError) as err:  # e.g. a quantization gguf cannot dequantize
+            raise CheckpointError(f"{source}: tensor {gguf_name!r} ({tensor.tensor_type.name}) cannot be read "
+                                  f"({type(err).__name__}: {err})") from None
         if arch == "llama" and gguf_name.endswith(".attn_q.weight"):
             weight = _unpermute_rows(weight, config.num_heads)
         elif arch == "llama" and gguf_name.endswith(".attn_k.weight"):
@@ -156,4 +212,4 @@ def import_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[D
         state[GGUF_LM_NAMES.to_ours(gguf_name)] = weight
     load_state_dict_checked(model, state, source)
     model.to(dtype=dtype).eval()
-    return model, TextTokenizer.from_gguf(reader)
+    return model, tokenizer

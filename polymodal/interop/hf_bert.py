@@ -8,11 +8,15 @@ the prefix is found from the word-embedding tensor and the task head's tensors a
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 import torch.nn as nn
 
+from polymodal.checkpoint import CheckpointMismatchError
 from polymodal.encoders.bert import BertConfig
-from polymodal.interop.namemap import NameMap, check_tensor_names
+from polymodal.interop.converters import Converter, build_config
+from polymodal.interop.namemap import NameMap, renamer, shapes_of, state_from_foreign
 
 BERT_MODEL_TYPES = ("bert",)
 BERT_ARCHITECTURES = ("BertModel",)
@@ -21,6 +25,9 @@ _DEFAULTS = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_at
                  layer_norm_eps=1e-12, pad_token_id=0, position_embedding_type="absolute")
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 _ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+# BertConfig fields whose config.json key differs (for error messages).
+_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "act": "hidden_act",
+         "norm_eps": "layer_norm_eps"}
 
 HF_BERT_NAMES = NameMap([
     ("embeddings.word_embeddings", "word_embeddings"),
@@ -43,11 +50,11 @@ _POOLER = "pooler.dense.weight"
 _IGNORED_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")
 
 
-def bert_prefix(tensors: dict[str, torch.Tensor], source: str) -> str:
-    """The prefix of the encoder's tensors ("" for BertModel saves, "bert." for task models)."""
+def bert_prefix(tensors: Mapping[str, object], source: str) -> str:
+    """The prefix of the encoder's tensors ("" for BertModel saves, "bert." for task models), from the names alone."""
     candidates = [n[: -len(_WORD_EMBEDDINGS)] for n in tensors if n.endswith(_WORD_EMBEDDINGS)]
     if not candidates:
-        raise ValueError(f"{source}: no BERT encoder found (no tensor named '*{_WORD_EMBEDDINGS}')")
+        raise CheckpointMismatchError(f"{source}: no BERT encoder found (no tensor named '*{_WORD_EMBEDDINGS}')")
     return min(candidates, key=len)
 
 
@@ -60,15 +67,16 @@ def bert_config_from_hf(cfg: dict, source: str = "config.json", cls_pooler: bool
     if v["position_embedding_type"] != "absolute":
         raise ValueError(f"{source}: position_embedding_type {v['position_embedding_type']!r} is not supported "
                          "(only 'absolute')")
-    return BertConfig(vocab_size=v["vocab_size"], hidden_size=v["hidden_size"], num_layers=v["num_hidden_layers"],
-                      num_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
-                      max_position_embeddings=v["max_position_embeddings"], type_vocab_size=v["type_vocab_size"],
-                      act=act, norm_eps=float(v["layer_norm_eps"]), pad_token_id=v["pad_token_id"],
-                      cls_pooler=cls_pooler)
+    fields = dict(vocab_size=v["vocab_size"], hidden_size=v["hidden_size"], num_layers=v["num_hidden_layers"],
+                  num_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
+                  max_position_embeddings=v["max_position_embeddings"], type_vocab_size=v["type_vocab_size"],
+                  act=act, norm_eps=v["layer_norm_eps"], pad_token_id=v["pad_token_id"], cls_pooler=cls_pooler)
+    return build_config(BertConfig, fields, source, _KEYS)
 
 
-def has_cls_pooler(tensors: dict[str, torch.Tensor], source: str) -> bool:
-    """Whether HF BERT tensors include the tanh pooler (`pooler.dense`)."""
+def has_cls_pooler(tensors: Mapping[str, object], source: str) -> bool:
+    """Whether HF BERT tensor names (a tensor dict or a {name: shape} index) include the tanh pooler
+    (`pooler.dense`)."""
     return bert_prefix(tensors, source) + _POOLER in tensors
 
 
@@ -99,11 +107,10 @@ def bert_state_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, sourc
     Raises `CheckpointMismatchError` naming the HF tensors that are missing, unexpected or mis-shaped.
     """
     prefix = bert_prefix(tensors, source)
+    expected = shapes_of(bert_state_to_hf(model.state_dict(), prefix))
     # A task model's head (e.g. `cls.predictions.*`) sits outside the prefix and is not ours.
-    kept = {n: t for n, t in tensors.items() if n.startswith(prefix) and not n.endswith(_IGNORED_SUFFIXES)}
-    expected = {prefix + n: t.shape for n, t in bert_state_to_hf(model.state_dict()).items()}
-    check_tensor_names(expected, {n: t.shape for n, t in kept.items()}, source)
-    return {HF_BERT_NAMES.to_ours(n[len(prefix):]): t for n, t in kept.items()}
+    return state_from_foreign(tensors, expected, source, renamer(HF_BERT_NAMES, prefix),
+                              ignore=lambda n: not n.startswith(prefix) or n.endswith(_IGNORED_SUFFIXES))
 
 
 def bert_state_to_hf(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
@@ -115,3 +122,16 @@ def bert_state_to_hf(state: dict[str, torch.Tensor], prefix: str = "") -> dict[s
             raise KeyError(f"BertEncoder tensor {name!r} has no HF name")
         out[prefix + hf_name] = tensor
     return out
+
+
+HF_BERT_CONVERTER = Converter(
+    name="BERT encoder",
+    family="bert",
+    architectures=BERT_ARCHITECTURES,
+    model_types=BERT_MODEL_TYPES,
+    config_from=lambda cfg, weights, source: bert_config_from_hf(
+        cfg, source, cls_pooler=has_cls_pooler(weights.shapes, str(weights.source))),
+    state_from=bert_state_from_hf,
+    config_to=lambda model, tokenizer: hf_config_from_bert(model.config),
+    state_to=lambda state, config: bert_state_to_hf(state),
+)

@@ -29,12 +29,14 @@ import torch.nn as nn
 
 from polymodal.checkpoint import CheckpointMismatchError
 from polymodal.encoders.vit import ViTConfig
+from polymodal.interop.converters import Converter, build_config
 from polymodal.interop.hf_lm import decoder_config_from_hf, lm_state_from_hf
-from polymodal.interop.namemap import NameMap, check_tensor_names
+from polymodal.interop.namemap import NameMap, state_from_foreign
 from polymodal.models.mmllm import MMLLMConfig
 from polymodal.projectors import ProjectorConfig
 
 BLIP2_MODEL_TYPES = ("blip-2", "instructblip")
+BLIP2_ARCHITECTURES = ("Blip2ForConditionalGeneration", "InstructBlipForConditionalGeneration")
 
 _VISION_DEFAULTS = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
                         image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-6, qkv_bias=True)
@@ -42,6 +44,11 @@ _QFORMER_DEFAULTS = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12
                          intermediate_size=3072, hidden_act="gelu", max_position_embeddings=512,
                          layer_norm_eps=1e-12, cross_attention_frequency=2, encoder_hidden_size=1408)
 _ACTS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh"}
+# Our config fields whose config.json key differs (for error messages).
+_VISION_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "norm_eps": "layer_norm_eps"}
+_QFORMER_KEYS = {"num_queries": "num_query_tokens", "num_layers": "num_hidden_layers",
+                 "num_heads": "num_attention_heads", "cross_attention_every": "cross_attention_frequency",
+                 "text_vocab_size": "vocab_size", "max_text_positions": "max_position_embeddings"}
 
 _Q = "qformer.encoder.layer.{}."
 _L = "projector.layers.{}."
@@ -111,21 +118,23 @@ def blip2_config_from_hf(cfg: dict, source: str = "config.json") -> MMLLMConfig:
     if q["encoder_hidden_size"] != v["hidden_size"]:
         raise ValueError(f"{source}: qformer_config.encoder_hidden_size {q['encoder_hidden_size']} != "
                          f"vision_config.hidden_size {v['hidden_size']}")
-    vision = ViTConfig(image_size=v["image_size"], patch_size=v["patch_size"], hidden_size=v["hidden_size"],
-                       num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
-                       intermediate_size=v["intermediate_size"], act=_ACTS[v["hidden_act"]],
-                       norm_eps=float(v["layer_norm_eps"]), class_token=True, pre_norm=False, post_norm="none",
-                       pool="none", patch_bias=True)
-    projector = ProjectorConfig(
+    vision = build_config(ViTConfig, dict(
+        image_size=v["image_size"], patch_size=v["patch_size"], hidden_size=v["hidden_size"],
+        num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
+        act=_ACTS[v["hidden_act"]], norm_eps=v["layer_norm_eps"], class_token=True, pre_norm=False, post_norm="none",
+        pool="none", patch_bias=True,
+    ), f"{source} (vision_config)", _VISION_KEYS)
+    projector = build_config(ProjectorConfig, dict(
         kind="qformer", num_queries=cfg.get("num_query_tokens", 32), num_layers=q["num_hidden_layers"],
         num_heads=q["num_attention_heads"], hidden_size=q["hidden_size"], intermediate_size=q["intermediate_size"],
-        layer_norm_eps=float(q["layer_norm_eps"]), cross_attention_every=q["cross_attention_frequency"],
+        layer_norm_eps=q["layer_norm_eps"], cross_attention_every=q["cross_attention_frequency"],
         instruction_aware=cfg.get("model_type") == "instructblip", text_vocab_size=q["vocab_size"],
-        max_text_positions=q["max_position_embeddings"], vision_norm_eps=float(v["layer_norm_eps"]),
-    )
+        max_text_positions=q["max_position_embeddings"], vision_norm_eps=v["layer_norm_eps"],
+    ), f"{source} (qformer_config)", _QFORMER_KEYS)
     lm = decoder_config_from_hf(text_cfg, f"{source} (text_config)")
-    return MMLLMConfig(vision=vision, lm=lm, projector=projector, vision_feature_layer=-1, drop_class_token=False,
-                       image_token_id=image_token)
+    fields = dict(vision=vision, lm=lm, projector=projector, vision_feature_layer=-1, drop_class_token=False,
+                  image_token_id=image_token)
+    return build_config(MMLLMConfig, fields, source, {"image_token_id": "image_token_index"})
 
 
 def _expected_hf_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -162,26 +171,26 @@ def blip2_state_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, sour
     """
     text_ffn = model.projector.text_embed is not None
     lm = {k[len(_LM_PREFIX):]: t for k, t in tensors.items() if k.startswith(_LM_PREFIX)}
-    rest = {
-        k: t for k, t in tensors.items()
-        if not k.startswith(_LM_PREFIX) and not k.endswith("position_ids") and (text_ffn or not _TEXT_FFN.match(k))
-    }
-    vision_qkv_bias = any(k.endswith("self_attn.qkv.bias") for k in rest)
+    vision_qkv_bias = any(k.endswith("self_attn.qkv.bias") for k in tensors)
     expected = _expected_hf_shapes(model)
     if not vision_qkv_bias:  # qkv_bias=false: our always-biased projections get zero biases
         expected = {k: s for k, s in expected.items() if not k.endswith("self_attn.qkv.bias")}
-    check_tensor_names(expected, {k: t.shape for k, t in rest.items()}, source)
     ours_state = model.state_dict()
-    state = {}
-    for name, tensor in rest.items():
-        if name in _RESHAPED:
-            state[_RESHAPED[name]] = tensor.reshape(ours_state[_RESHAPED[name]].shape)
-        elif ".self_attn.qkv." in name:
+
+    def ignore(name: str) -> bool:  # the LM is checked on its own, below
+        unused_ffn = not text_ffn and _TEXT_FFN.match(name) is not None
+        return name.startswith(_LM_PREFIX) or name.endswith("position_ids") or unused_ffn
+
+    def rename(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if name in _RESHAPED:  # (1, N, D) -> (N, D) or (D,)
+            return {_RESHAPED[name]: tensor.reshape(ours_state[_RESHAPED[name]].shape)}
+        if ".self_attn.qkv." in name:  # packed (3D, ...) -> q, k, v
             layer, kind = name.split(".")[3], name.rsplit(".", 1)[1]
-            for proj, part in zip("qkv", tensor.chunk(3, dim=0), strict=True):
-                state[f"vision.encoder.layers.{layer}.attn.{proj}_proj.{kind}"] = part
-        else:
-            state[BLIP2_NAMES.to_ours(name)] = tensor
+            return {f"vision.encoder.layers.{layer}.attn.{proj}_proj.{kind}": part
+                    for proj, part in zip("qkv", tensor.chunk(3, dim=0), strict=True)}
+        return {BLIP2_NAMES.to_ours(name): tensor}
+
+    state = state_from_foreign(tensors, expected, source, rename, ignore)
     if not vision_qkv_bias:
         for name, tensor in ours_state.items():
             if name.startswith("vision.encoder.") and name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
@@ -190,3 +199,13 @@ def blip2_state_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, sour
         raise CheckpointMismatchError(f"tensors in {source}: no language model (no '{_LM_PREFIX}*' tensors)")
     state.update({f"lm.{k}": t for k, t in lm_state_from_hf(lm, model.lm, source).items()})
     return state
+
+
+HF_BLIP2_CONVERTER = Converter(
+    name="BLIP-2 / InstructBLIP (import only)",
+    family="mmllm",
+    architectures=BLIP2_ARCHITECTURES,
+    model_types=BLIP2_MODEL_TYPES,
+    config_from=lambda cfg, weights, source: blip2_config_from_hf(cfg, source),
+    state_from=blip2_state_from_hf,
+)

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from polymodal.encoders.text import TextEncoderConfig
+from polymodal.interop.converters import Converter, build_config
 from polymodal.interop.hf_vit import (
     CLIP_ENCODER_LAYER_NAMES,
     hf_config_from_vit,
@@ -25,7 +26,8 @@ from polymodal.interop.hf_vit import (
     vit_state_from_hf,
     vit_state_to_hf,
 )
-from polymodal.interop.namemap import NameMap, check_tensor_names
+from polymodal.interop.namemap import NameMap, shapes_of, state_from_foreign
+from polymodal.interop.safetensors_io import HFWeights
 from polymodal.models.contrastive import ContrastiveConfig
 
 CONTRASTIVE_MODEL_TYPES = ("clip", "siglip")
@@ -43,6 +45,9 @@ _TEXT_DEFAULTS = {  # transformers' CLIPTextConfig / SiglipTextConfig defaults, 
 _ACT_FROM_HF = {"quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
 _ACT_TO_HF = {"quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
 CLIP_LOGIT_SCALE_INIT = 2.6592  # transformers' CLIPConfig.logit_scale_init_value, log(1 / 0.07)
+# TextEncoderConfig fields whose text_config key differs (for error messages).
+_TEXT_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+              "max_positions": "max_position_embeddings", "act": "hidden_act", "norm_eps": "layer_norm_eps"}
 
 # Names relative to the text tower (HF's `text_model.` prefix is handled separately).
 HF_TEXT_NAMES = NameMap([
@@ -74,16 +79,28 @@ def text_config_from_hf(kind: str, text: dict, source: str) -> TextEncoderConfig
                          f"({sorted(_ACT_FROM_HF)})")
     common = dict(vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], num_layers=t["num_hidden_layers"],
                   num_heads=t["num_attention_heads"], intermediate_size=t["intermediate_size"],
-                  max_positions=t["max_position_embeddings"], act=act, norm_eps=float(t["layer_norm_eps"]),
+                  max_positions=t["max_position_embeddings"], act=act, norm_eps=t["layer_norm_eps"],
                   eos_token_id=t["eos_token_id"])
     if kind == "clip":
-        return TextEncoderConfig(**common, causal=True, pool="eos", head=False)
-    return TextEncoderConfig(**common, causal=False, pool="last", head=True,
-                             projection_size=t.get("projection_size") or t["hidden_size"])
+        layout = dict(causal=True, pool="eos", head=False)
+    else:
+        layout = dict(causal=False, pool="last", head=True,
+                      projection_size=t.get("projection_size") or t["hidden_size"])
+    return build_config(TextEncoderConfig, {**common, **layout}, f"{source} (text_config)", _TEXT_KEYS)
 
 
-def contrastive_config_from_hf(cfg: dict, tensors: dict[str, torch.Tensor], source: str) -> ContrastiveConfig:
-    """A `ContrastiveConfig` for an HF CLIPModel / SiglipModel config.json dict and its tensors.
+def _stored_scalar(weights: HFWeights, name: str) -> float | None:
+    """The value of a one-element tensor in the folder, or None when absent or not one element
+    (the tensor check then names the misfit)."""
+    shape = weights.shapes.get(name)
+    if shape is None or math.prod(shape) != 1:
+        return None
+    return float(weights.tensor(name).reshape(()))
+
+
+def contrastive_config_from_hf(cfg: dict, weights: HFWeights, source: str) -> ContrastiveConfig:
+    """A `ContrastiveConfig` for an HF CLIPModel / SiglipModel config.json dict and its weights
+    (the trained `logit_scale` / `logit_bias` scalars are read from them).
 
     The temperature cap (`max_logit_scale`) is raised to the checkpoint's own exp(logit_scale) so
     that a trained temperature above CLIP's usual 100 (SigLIP's is ~117) is kept exactly.
@@ -91,21 +108,20 @@ def contrastive_config_from_hf(cfg: dict, tensors: dict[str, torch.Tensor], sour
     kind = contrastive_kind(cfg, source)
     vision = vit_config_from_hf(cfg, source)
     text = text_config_from_hf(kind, cfg.get("text_config") or {}, source)
-    scale = tensors.get("logit_scale")
-    if scale is not None:
-        scale_init = float(scale.reshape(()))
-    else:
-        scale_init = float(cfg.get("logit_scale_init_value", CLIP_LOGIT_SCALE_INIT))
-    max_scale = max(100.0, math.ceil(math.exp(scale_init)))
+    scale_init = _stored_scalar(weights, "logit_scale")
+    if scale_init is None:
+        scale_init = cfg.get("logit_scale_init_value", CLIP_LOGIT_SCALE_INIT)
+    # min(): a hostile stored scale must not overflow exp().
+    max_scale = max(100.0, math.ceil(math.exp(min(float(scale_init), 700.0))))
+    common = dict(image_tower="vit", vision=vision, text_tower="transformer", text=text,
+                  logit_scale_init=scale_init, max_logit_scale=max_scale)
     if kind == "clip":
-        return ContrastiveConfig(image_tower="vit", vision=vision, text_tower="transformer", text=text,
-                                 embed_dim=cfg.get("projection_dim", 512), projection=True, loss="clip",
-                                 logit_scale_init=scale_init, max_logit_scale=max_scale)
-    bias = tensors.get("logit_bias")
-    return ContrastiveConfig(image_tower="vit", vision=vision, text_tower="transformer", text=text,
-                             embed_dim=vision.hidden_size, projection=False, loss="siglip",
-                             logit_scale_init=scale_init, max_logit_scale=max_scale,
-                             logit_bias_init=float(bias.reshape(())) if bias is not None else -10.0)
+        fields = dict(embed_dim=cfg.get("projection_dim", 512), projection=True, loss="clip")
+    else:
+        bias = _stored_scalar(weights, "logit_bias")
+        fields = dict(embed_dim=vision.hidden_size, projection=False, loss="siglip",
+                      logit_bias_init=-10.0 if bias is None else bias)
+    return build_config(ContrastiveConfig, {**common, **fields}, source, {"embed_dim": "projection_dim"})
 
 
 def contrastive_layout(config: ContrastiveConfig) -> str:
@@ -187,19 +203,32 @@ def contrastive_state_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module
     CLIP has no logit bias: the model keeps its own (unused by the "clip" loss). Raises
     `CheckpointMismatchError` naming the HF tensors that are missing, unexpected or mis-shaped.
     """
-    layout = contrastive_layout(model.config)
-    kept = {n: t for n, t in tensors.items() if not n.endswith(_IGNORED_SUFFIXES)}
     own = model.state_dict()
-    expected = {n: t.shape for n, t in contrastive_state_to_hf(own, layout).items()}
-    check_tensor_names(expected, {n: t.shape for n, t in kept.items()}, source)
-    vision = vit_state_from_hf({n: t for n, t in kept.items() if n.startswith(VISION)}, model.vision_model, source)
-    state = {VISION + n: t for n, t in vision.items()}
-    state.update({TEXT + HF_TEXT_NAMES.to_ours(n[len(TEXT):]): t for n, t in kept.items() if n.startswith(TEXT)})
-    state["logit_scale"] = kept["logit_scale"].reshape(())
-    if layout == "clip":
-        state["visual_projection.weight"] = kept["visual_projection.weight"]
-        state["text_projection.weight"] = kept["text_projection.weight"]
-        state["logit_bias"] = own["logit_bias"]
-    else:
-        state["logit_bias"] = kept["logit_bias"].reshape(())
+    expected = shapes_of(contrastive_state_to_hf(own, contrastive_layout(model.config)))
+    vision = {n: t for n, t in tensors.items() if n.startswith(VISION) and not n.endswith(_IGNORED_SUFFIXES)}
+
+    def rename(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if name.startswith(VISION):  # renamed below, as one tower
+            return {}
+        if name.startswith(TEXT):
+            return {TEXT + HF_TEXT_NAMES.to_ours(name[len(TEXT):]): tensor}
+        if name in ("logit_scale", "logit_bias"):  # HF: () for CLIP, (1,) for SigLIP; ours: ()
+            return {name: tensor.reshape(())}
+        return {name: tensor}  # visual_projection / text_projection keep their names
+
+    state = state_from_foreign(tensors, expected, source, rename, ignore=lambda n: n.endswith(_IGNORED_SUFFIXES))
+    state.update({VISION + n: t for n, t in vit_state_from_hf(vision, model.vision_model, source).items()})
+    state.setdefault("logit_bias", own["logit_bias"])
     return state
+
+
+HF_CLIP_CONVERTER = Converter(
+    name="CLIP / SigLIP full model (both towers)",
+    family="clip",
+    architectures=CONTRASTIVE_ARCHITECTURES,
+    model_types=CONTRASTIVE_MODEL_TYPES,
+    config_from=contrastive_config_from_hf,
+    state_from=contrastive_state_from_hf,
+    config_to=lambda model, tokenizer: hf_config_from_contrastive(model.config, float(model.logit_scale.detach())),
+    state_to=lambda state, config: contrastive_state_to_hf(state, contrastive_layout(config)),
+)

@@ -23,9 +23,16 @@ import torch
 import torch.nn as nn
 
 from polymodal.checkpoint import CheckpointMismatchError
-from polymodal.interop.hf_lm import decoder_config_from_hf, hf_config_from_decoder, lm_state_from_hf, lm_state_to_hf
+from polymodal.interop.converters import Converter, build_config
+from polymodal.interop.hf_lm import (
+    decoder_config_from_hf,
+    fill_token_roles,
+    hf_config_from_decoder,
+    lm_state_from_hf,
+    lm_state_to_hf,
+)
 from polymodal.interop.hf_vit import hf_config_from_vit, vit_config_from_hf, vit_state_from_hf, vit_state_to_hf
-from polymodal.interop.namemap import check_tensor_names
+from polymodal.interop.namemap import state_from_foreign
 from polymodal.models.mmllm import MMLLMConfig
 from polymodal.projectors import ProjectorConfig
 
@@ -70,9 +77,9 @@ def llava_config_from_hf(cfg: dict, source: str = "config.json") -> MMLLMConfig:
     lm = decoder_config_from_hf(text_cfg, f"{source} (text_config)")
     image_token = cfg.get("image_token_id", cfg.get("image_token_index", _DEFAULT_IMAGE_TOKEN))
     preset = "siglip" if vision_cfg["model_type"].startswith("siglip") else "clip"  # the tower's own pixels
-    return MMLLMConfig(vision=vision, lm=lm, projector=ProjectorConfig(kind="mlp", mlp_depth=2),
-                       vision_feature_layer=layer, drop_class_token=strategy == "default", image_token_id=image_token,
-                       image_preset=preset)
+    fields = dict(vision=vision, lm=lm, projector=ProjectorConfig(kind="mlp", mlp_depth=2), vision_feature_layer=layer,
+                  drop_class_token=strategy == "default", image_token_id=image_token, image_preset=preset)
+    return build_config(MMLLMConfig, fields, source, {"image_token_id": "image_token_index"})
 
 
 def hf_config_from_llava(config: MMLLMConfig, tokenizer=None) -> dict:
@@ -91,11 +98,8 @@ def hf_config_from_llava(config: MMLLMConfig, tokenizer=None) -> dict:
         raise ValueError(f"MMLLMConfig.projector: LLaVA export needs kind='mlp' with mlp_depth=2, got kind={p.kind!r}, "
                          f"mlp_depth={p.mlp_depth}")
     vision = {k: v for k, v in hf_config_from_vit(config.vision).items() if k != "architectures"}
-    text = {k: v for k, v in hf_config_from_decoder(config.lm).items() if k != "architectures"}
-    if tokenizer is not None:
-        for role in ("bos", "eos", "pad"):
-            if text[f"{role}_token_id"] is None:
-                text[f"{role}_token_id"] = getattr(tokenizer, f"{role}_token_id")
+    text = fill_token_roles({k: v for k, v in hf_config_from_decoder(config.lm).items() if k != "architectures"},
+                            tokenizer)
     drops = config.drop_class_token and config.vision.class_token
     return {
         "architectures": [LLAVA_ARCHITECTURE],
@@ -134,14 +138,15 @@ def llava_state_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, sour
     parts = _split_components(tensors, source)
     state = {f"vision.{k}": t for k, t in vit_state_from_hf(parts["vision"], model.vision, source).items()}
     ours_state = model.projector.state_dict()
-    expected = {f"{hf}.{kind}": ours_state[f"{ours}.{kind}"].shape
+    expected = {f"{hf}.{kind}": tuple(ours_state[f"{ours}.{kind}"].shape)
                 for ours, hf in _PROJECTOR_NAMES.items() for kind in ("weight", "bias")}
-    projector = parts["projector"]
-    check_tensor_names(expected, {n: t.shape for n, t in projector.items()}, f"{source} (multi_modal_projector)")
     hf_to_ours = {hf: ours for ours, hf in _PROJECTOR_NAMES.items()}
-    for name, tensor in projector.items():
+
+    def rename(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         layer, kind = name.split(".")
-        state[f"projector.{hf_to_ours[layer]}.{kind}"] = tensor
+        return {f"projector.{hf_to_ours[layer]}.{kind}": tensor}
+
+    state.update(state_from_foreign(parts["projector"], expected, f"{source} (multi_modal_projector)", rename))
     state.update({f"lm.{k}": t for k, t in lm_state_from_hf(parts["lm"], model.lm, source).items()})
     return state
 
@@ -156,3 +161,18 @@ def llava_state_to_hf(state: dict[str, torch.Tensor], config: MMLLMConfig) -> di
             out[f"multi_modal_projector.{hf}.{kind}"] = state[f"projector.{ours}.{kind}"]
     out.update({f"language_model.{k}": t for k, t in lm_state_to_hf(lm, config.lm).items()})
     return out
+
+
+HF_LLAVA_CONVERTER = Converter(
+    name="LLaVA (LlavaForConditionalGeneration: CLIP/SigLIP tower + MLP projector + Llama-style LM)",
+    family="mmllm",
+    architectures=(LLAVA_ARCHITECTURE,),
+    model_types=LLAVA_MODEL_TYPES,
+    config_from=lambda cfg, weights, source: llava_config_from_hf(cfg, source),
+    state_from=llava_state_from_hf,
+    config_to=lambda model, tokenizer: hf_config_from_llava(model.config, tokenizer),
+    state_to=llava_state_to_hf,
+    # A Q-Former model has BLIP-2's layout, which is read but never written. Any other model is
+    # LLaVA's to write, and config_to names what it lacks (an MLP projector of depth 2, a ViT tower).
+    can_export=lambda model: model.config.projector.kind != "qformer",
+)

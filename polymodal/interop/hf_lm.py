@@ -10,9 +10,12 @@ import torch
 import torch.nn as nn
 
 from polymodal.backbones.decoder import DecoderConfig
-from polymodal.interop.namemap import NameMap, check_tensor_names
+from polymodal.interop.converters import Converter, build_config
+from polymodal.interop.namemap import NameMap, renamer, shapes_of, state_from_foreign
 
 LM_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# DecoderConfig fields whose config.json key differs (for error messages).
+_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads"}
 
 # HF module paths <-> DecoderLM's (see polymodal.backbones.decoder and polymodal.nn.transformer).
 HF_LM_NAMES = NameMap([
@@ -76,7 +79,7 @@ def decoder_config_from_hf(cfg: dict, source: str = "config.json") -> DecoderCon
     _check_sliding_window(cfg, model_type, source)
     theta, scaling = _rope_from_hf(cfg, source)
     heads = cfg["num_attention_heads"]
-    return DecoderConfig(
+    return build_config(DecoderConfig, dict(
         vocab_size=cfg["vocab_size"],
         hidden_size=cfg["hidden_size"],
         intermediate_size=cfg["intermediate_size"],
@@ -84,7 +87,7 @@ def decoder_config_from_hf(cfg: dict, source: str = "config.json") -> DecoderCon
         num_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
         head_dim=cfg.get("head_dim") or None,
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
@@ -94,7 +97,7 @@ def decoder_config_from_hf(cfg: dict, source: str = "config.json") -> DecoderCon
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
         pad_token_id=cfg.get("pad_token_id"),
-    )
+    ), source, _KEYS)
 
 
 def hf_config_from_decoder(config: DecoderConfig) -> dict:
@@ -131,6 +134,15 @@ def hf_config_from_decoder(config: DecoderConfig) -> dict:
     return out
 
 
+def fill_token_roles(cfg: dict, tokenizer) -> dict:
+    """Fill the bos/eos/pad token ids a config dict leaves open from `tokenizer` (for HF's generate())."""
+    if tokenizer is not None:
+        for role in ("bos", "eos", "pad"):
+            if cfg[f"{role}_token_id"] is None:
+                cfg[f"{role}_token_id"] = getattr(tokenizer, f"{role}_token_id")
+    return cfg
+
+
 def lm_state_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
     """HF LM tensors -> a DecoderLM state dict for `model`, checked in HF names first.
 
@@ -138,13 +150,12 @@ def lm_state_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, source:
     `CheckpointMismatchError` naming the HF tensors that are missing, unexpected or mis-shaped.
     """
     config = model.config
-    kept = {
-        name: t for name, t in tensors.items()
-        if not name.endswith(_IGNORED_SUFFIXES) and not (config.tie_word_embeddings and name == "lm_head.weight")
-    }
-    expected = {name: t.shape for name, t in lm_state_to_hf(model.state_dict(), config).items()}
-    check_tensor_names(expected, {n: t.shape for n, t in kept.items()}, source)
-    return {HF_LM_NAMES.to_ours(name): t for name, t in kept.items()}
+
+    def ignore(name: str) -> bool:
+        return name.endswith(_IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight")
+
+    expected = shapes_of(lm_state_to_hf(model.state_dict(), config))
+    return state_from_foreign(tensors, expected, source, renamer(HF_LM_NAMES), ignore)
 
 
 def lm_state_to_hf(state: dict[str, torch.Tensor], config: DecoderConfig) -> dict[str, torch.Tensor]:
@@ -158,3 +169,15 @@ def lm_state_to_hf(state: dict[str, torch.Tensor], config: DecoderConfig) -> dic
             raise KeyError(f"DecoderLM tensor {name!r} has no HF name")
         out[hf_name] = tensor
     return out
+
+
+HF_LM_CONVERTER = Converter(
+    name="Llama / Mistral / Qwen2 causal LM",
+    family="lm",
+    architectures=tuple(LM_MODEL_TYPES.values()),
+    model_types=tuple(LM_MODEL_TYPES),
+    config_from=lambda cfg, weights, source: decoder_config_from_hf(cfg, source),
+    state_from=lm_state_from_hf,
+    config_to=lambda model, tokenizer: fill_token_roles(hf_config_from_decoder(model.config), tokenizer),
+    state_to=lm_state_to_hf,
+)

@@ -11,10 +11,16 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from polymodal.checkpoint import CheckpointMismatchError
 from polymodal.encoders.vit import ViTConfig
-from polymodal.interop.namemap import NameMap, check_tensor_names
+from polymodal.interop.converters import Converter, build_config
+from polymodal.interop.namemap import NameMap, shapes_of, state_from_foreign
 
 VIT_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model", "clip", "siglip")
+VIT_ARCHITECTURES = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "SiglipVisionModel")
+# Exported towers use the hub's classic `vision_model.` prefix, which every transformers
+# version loads into CLIPVisionModel / SiglipVisionModel.
+VISION_PREFIX = "vision_model."
 
 _DEFAULTS = {  # transformers' CLIPVisionConfig / SiglipVisionConfig defaults, for keys a config.json omits
     "clip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -25,6 +31,9 @@ _DEFAULTS = {  # transformers' CLIPVisionConfig / SiglipVisionConfig defaults, f
 }
 _ACT_FROM_HF = {"quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
 _ACT_TO_HF = {"quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
+# ViTConfig fields whose config.json key differs (for error messages).
+_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "act": "hidden_act",
+         "norm_eps": "layer_norm_eps"}
 
 # Names relative to the vision tower (HF's `vision_model.` prefix is handled separately).
 # transformers' CLIP/SigLIP encoder layer -> our TransformerBlock (shared by the vision and text towers).
@@ -76,11 +85,13 @@ def vit_config_from_hf(cfg: dict, source: str = "config.json") -> ViTConfig:
         raise ValueError(f"{source}: vision hidden_act {v['hidden_act']!r} is not supported ({sorted(_ACT_FROM_HF)})")
     common = dict(image_size=v["image_size"], patch_size=v["patch_size"], num_channels=v["num_channels"],
                   hidden_size=v["hidden_size"], num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
-                  intermediate_size=v["intermediate_size"], act=act, norm_eps=float(v["layer_norm_eps"]))
+                  intermediate_size=v["intermediate_size"], act=act, norm_eps=v["layer_norm_eps"])
     if kind == "clip":
-        return ViTConfig(**common, class_token=True, pre_norm=True, post_norm="pooled", pool="cls", patch_bias=False)
-    return ViTConfig(**common, class_token=False, pre_norm=False, post_norm="all",
-                     pool="map" if v.get("vision_use_head", True) else "none", patch_bias=True)
+        layout = dict(class_token=True, pre_norm=True, post_norm="pooled", pool="cls", patch_bias=False)
+    else:
+        layout = dict(class_token=False, pre_norm=False, post_norm="all",
+                      pool="map" if v.get("vision_use_head", True) else "none", patch_bias=True)
+    return build_config(ViTConfig, {**common, **layout}, source, _KEYS)
 
 
 def vit_layout(config: ViTConfig) -> str:
@@ -128,28 +139,28 @@ def _vision_prefix(tensors: dict[str, torch.Tensor], source: str) -> str:
     """The prefix of the vision tower's tensors ("vision_model." in hub checkpoints, "" in some saves)."""
     candidates = [n[: -len(_PATCH_WEIGHT)] for n in tensors if n.endswith(_PATCH_WEIGHT)]
     if not candidates:
-        raise ValueError(f"{source}: no vision tower found (no tensor named '*{_PATCH_WEIGHT}')")
+        raise CheckpointMismatchError(f"{source}: no vision tower found (no tensor named '*{_PATCH_WEIGHT}')")
     return min(candidates, key=len)
 
 
 def vit_state_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
     """HF vision-tower tensors -> a VisionTransformer state dict for `model`, checked in HF names first.
 
+    Tensors outside the tower's prefix (a full model's text tower and projections) are ignored.
     Raises `CheckpointMismatchError` naming the HF tensors that are missing, unexpected or mis-shaped.
     """
     prefix = _vision_prefix(tensors, source)
-    kept = {n: t for n, t in tensors.items() if n.startswith(prefix) and not n.endswith(_IGNORED_SUFFIXES)}
-    expected = {prefix + n: t.shape for n, t in vit_state_to_hf(model.state_dict()).items()}
-    check_tensor_names(expected, {n: t.shape for n, t in kept.items()}, source)
-    out = {}
-    for name, tensor in kept.items():
+
+    def rename(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         name = name[len(prefix):]
-        if name in _PACKED:
-            for proj, part in zip("qkv", tensor.chunk(3, dim=0), strict=True):
-                out[f"head.attn.{proj}_proj.{_PACKED[name]}"] = part
-        else:
-            out[HF_VIT_NAMES.to_ours(name)] = tensor
-    return out
+        if name in _PACKED:  # SigLIP's MAP head: one (3D, ...) in_proj -> q, k, v
+            return {f"head.attn.{proj}_proj.{_PACKED[name]}": part
+                    for proj, part in zip("qkv", tensor.chunk(3, dim=0), strict=True)}
+        return {HF_VIT_NAMES.to_ours(name): tensor}
+
+    expected = shapes_of(vit_state_to_hf(model.state_dict(), prefix))
+    return state_from_foreign(tensors, expected, source, rename,
+                              ignore=lambda n: not n.startswith(prefix) or n.endswith(_IGNORED_SUFFIXES))
 
 
 def vit_state_to_hf(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
@@ -169,3 +180,15 @@ def vit_state_to_hf(state: dict[str, torch.Tensor], prefix: str = "") -> dict[st
         if kind in packed:
             out[prefix + hf_name] = torch.cat([packed[kind][p] for p in ("q_proj", "k_proj", "v_proj")])  # (3D, ...)
     return out
+
+
+HF_VIT_CONVERTER = Converter(
+    name="CLIP / SigLIP vision tower",
+    family="vit",
+    architectures=VIT_ARCHITECTURES,
+    model_types=("clip_vision_model", "siglip_vision_model"),
+    config_from=lambda cfg, weights, source: vit_config_from_hf(cfg, source),
+    state_from=vit_state_from_hf,
+    config_to=lambda model, tokenizer: hf_config_from_vit(model.config),
+    state_to=lambda state, config: vit_state_to_hf(state, prefix=VISION_PREFIX),
+)

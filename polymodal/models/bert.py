@@ -26,4 +26,5 @@ def _example_batch(model: BertEncoder) -> dict:
 
 
 # A tower that other families compose (LiT's text tower); on its own it has no objective.
-BERT = register(Family("bert", BertConfig, BertEncoder, bert_tiny, _example_batch, objective=None))
+BERT = register(Family("bert", BertConfig, BertEncoder, bert_tiny, _example_batch, objective=None,
+                       converters=("polymodal.interop.hf_bert:HF_BERT_CONVERTER",)))

@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from polymodal.bounds import MAX_LAYERS, MAX_WIDTH, check_float, check_int
 from polymodal.encoders.bert import BertConfig
 from polymodal.encoders.convnet import ConvNetConfig
 from polymodal.encoders.efficientnet import EfficientNetConfig
@@ -88,6 +89,12 @@ class ContrastiveConfig:
             raise ValueError(f"ContrastiveConfig.patch_dropout must be in [0, 1), got {self.patch_dropout}")
         if self.caption_layers < 0:
             raise ValueError(f"ContrastiveConfig.caption_layers must be >= 0, got {self.caption_layers}")
+        check_int("ContrastiveConfig", "caption_layers", self.caption_layers, 0, MAX_LAYERS)
+        check_int("ContrastiveConfig", "embed_dim", self.embed_dim, 1, MAX_WIDTH)
+        for name in ("logit_scale_init", "logit_bias_init"):
+            check_float("ContrastiveConfig", name, getattr(self, name), -1e4, 1e4)
+        check_float("ContrastiveConfig", "max_logit_scale", self.max_logit_scale, 0.0, 1e6, low_open=True)
+        check_float("ContrastiveConfig", "caption_loss_weight", self.caption_loss_weight, 0.0, 1e6)
 
     @property
     def image_size(self) -> int:
@@ -350,4 +357,5 @@ CLIP = register(Family(
     recipes=(Recipe("clip", "polymodal.recipes.clip:ClipRecipeConfig", "polymodal.recipes.clip:clip_job",
                    outputs=("eval.json",)),),
     evaluate="polymodal.eval.contrastive:evaluate",
+    converters=("polymodal.interop.hf_clip:HF_CLIP_CONVERTER",),
 ))

@@ -39,4 +39,5 @@ LM = register(Family(
     tasks=("complete", "chat"),
     recipes=(Recipe("lm", "polymodal.recipes.lm:LMRecipeConfig", "polymodal.recipes.lm:lm_job"),),
     evaluate="polymodal.eval.lm:evaluate",
+    converters=("polymodal.interop.hf_lm:HF_LM_CONVERTER",),
 ))

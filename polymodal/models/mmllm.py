@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from polymodal.backbones.decoder import DecoderConfig, DecoderLM, LMOutput
+from polymodal.bounds import MAX_VOCAB, check_int
 from polymodal.data.conversation import IMAGE_MARKER
 from polymodal.encoders.convnet import ConvNetConfig
 from polymodal.encoders.gridpool import GridPoolConfig
@@ -65,6 +66,7 @@ class MMLLMConfig:
         if self.vision_tower != "vit" and self.vision_feature_layer != -1:
             raise ValueError(f"MMLLMConfig: the {self.vision_tower} vision tower only has its final feature map; "
                              f"set vision_feature_layer to -1 (got {self.vision_feature_layer})")
+        check_int("MMLLMConfig", "image_token_id", self.image_token_id, 0, MAX_VOCAB)
         states = self.vision.num_layers + 1  # the embeddings, then each layer's output
         if self.vision_tower == "vit" and not -states <= self.vision_feature_layer < states:
             raise ValueError(f"MMLLMConfig.vision_feature_layer={self.vision_feature_layer} is out of range for a "
@@ -290,4 +292,5 @@ MMLLM = register(Family(
     recipes=(Recipe("mmllm", "polymodal.recipes.mmllm:MMLLMRecipeConfig", "polymodal.recipes.mmllm:mmllm_job",
                    outputs=("base_text_answers.json", "retention.json")),),
     evaluate="polymodal.eval.mmllm:evaluate",
+    converters=("polymodal.interop.hf_llava:HF_LLAVA_CONVERTER", "polymodal.interop.hf_blip2:HF_BLIP2_CONVERTER"),
 ))

@@ -25,4 +25,5 @@ def _example_batch(model: VisionTransformer) -> dict:
 
 
 # A tower that other families compose; on its own it has no objective and serves no task.
-VIT = register(Family("vit", ViTConfig, VisionTransformer, vit_tiny, _example_batch, objective=None))
+VIT = register(Family("vit", ViTConfig, VisionTransformer, vit_tiny, _example_batch, objective=None,
+                      converters=("polymodal.interop.hf_vit:HF_VIT_CONVERTER",)))

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from polymodal.bounds import MAX_WIDTH, check_float, check_int
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -43,6 +45,12 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
     image_tokens_only: bool = False
+
+    def __post_init__(self) -> None:
+        """Check the sizes against `polymodal.bounds` before any adapter is built."""
+        check_int("LoRAConfig", "rank", self.rank, 0, MAX_WIDTH)
+        check_float("LoRAConfig", "alpha", self.alpha, 0)
+        check_float("LoRAConfig", "dropout", self.dropout, 0, 1, high_open=True)
 
 
 class LoRALinear(nn.Linear):

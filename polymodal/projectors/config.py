@@ -3,6 +3,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from polymodal.bounds import (
+    MAX_HEADS,
+    MAX_INTERMEDIATE,
+    MAX_LAYERS,
+    MAX_POSITIONS,
+    MAX_VOCAB,
+    MAX_WIDTH,
+    check_float,
+    check_int,
+    check_multiple,
+)
+
 
 @dataclass
 class ProjectorConfig:
@@ -34,3 +46,24 @@ class ProjectorConfig:
     text_vocab_size: int = 0
     max_text_positions: int = 512
     vision_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        """Check every size against `polymodal.bounds` before anything is built.
+
+        Widths left None come from the vision tower or the LM, whose own configs bound them."""
+        owner = "ProjectorConfig"
+        check_int(owner, "mlp_depth", self.mlp_depth, 1, MAX_LAYERS)
+        check_int(owner, "num_queries", self.num_queries, 1, MAX_POSITIONS)
+        check_int(owner, "num_layers", self.num_layers, 1, MAX_LAYERS)
+        check_int(owner, "num_heads", self.num_heads, 1, MAX_HEADS)
+        if self.hidden_size is not None:
+            check_int(owner, "hidden_size", self.hidden_size, 1, MAX_WIDTH)
+            if self.kind in ("resampler", "qformer"):  # the kinds with attention of their own width
+                check_multiple(owner, "hidden_size", self.hidden_size, "num_heads", self.num_heads)
+        if self.intermediate_size is not None:
+            check_int(owner, "intermediate_size", self.intermediate_size, 1, MAX_INTERMEDIATE)
+        check_float(owner, "layer_norm_eps", self.layer_norm_eps, 0, 1, low_open=True)
+        check_float(owner, "vision_norm_eps", self.vision_norm_eps, 0, 1, low_open=True)
+        check_int(owner, "cross_attention_every", self.cross_attention_every, 1, MAX_LAYERS)
+        check_int(owner, "text_vocab_size", self.text_vocab_size, 0, MAX_VOCAB)  # 0: no instruction input
+        check_int(owner, "max_text_positions", self.max_text_positions, 1, MAX_POSITIONS)

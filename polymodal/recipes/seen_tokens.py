@@ -6,7 +6,7 @@ same direction (its gradient is p_j * h, the same hidden states for all of them)
 weights those rows are the input embeddings too. Measured after the quickstart's align stage: 454
 of 510 rows had norm ~2.6 (trained rows ~1, initial ~0.23) at pairwise cosine 0.99. The next
 stage then starts with its question words indistinguishable as inputs and its answer words at
-probability ~e^-27, and whether it recovers in time decides the run (benchmarks/RESULTS.md).
+probability ~e^-27, and whether it recovers in time decides the run (docs/notes/quickstart.md).
 So a stage that trains the LM's embeddings records the ids it saw (`SeenTokens`: training state
 of the run, restored on resume, and `seen_tokens.json` in its final checkpoint) and a stage that
 continues from it re-initialises the embedding (and untied output) rows of every other id

@@ -16,6 +16,8 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from polymodal.errors import CheckpointError
+
 from polymodal.tokenizers.chat import CHATML_TEMPLATE, render_chat_template
 from polymodal.tokenizers.streaming import IncrementalDecoder
 
@@ -102,13 +104,23 @@ class TextTokenizer:
         # special_tokens_map.json is the legacy place for roles; tokenizer_config.json wins.
         for name in ("special_tokens_map.json", CONFIG_FILE):
             if (path / name).is_file():
-                config.update(json.loads((path / name).read_text(encoding="utf-8")))
+                try:
+                    loaded = json.loads((path / name).read_text(encoding="utf-8"))
+                except (ValueError, RecursionError) as err:  # JSONDecodeError and bad UTF-8 are ValueErrors
+                    raise CheckpointError(f"{path / name} is not valid JSON ({err})") from None
+                if not isinstance(loaded, dict):
+                    raise CheckpointError(f"{path / name} must hold a JSON object")
+                config.update(loaded)
         source = path / CONFIG_FILE
         template = _config_template(config.get("chat_template"), source)
         if (path / TEMPLATE_FILE).is_file():  # transformers 5 writes the template here; it takes precedence
             template = (path / TEMPLATE_FILE).read_text(encoding="utf-8")
         roles = {role: _token_content(config.get(role), role, source) for role in _ROLES}
-        return cls(Tokenizer.from_file(str(tokenizer_file)), chat_template=template, **roles)
+        try:
+            backend = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as err:  # the tokenizers library raises bare Exceptions for a corrupt file
+            raise CheckpointError(f"{tokenizer_file} cannot be read as a tokenizer ({err})") from None
+        return cls(backend, chat_template=template, **roles)
 
     @classmethod
     def from_gguf(cls, path_or_reader) -> TextTokenizer:

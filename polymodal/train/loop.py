@@ -46,8 +46,9 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from polymodal.atomic import write_text_atomic
+from polymodal.bounds import MAX_STEPS, check_float, check_int, check_length
 from polymodal.checkpoint import load_state_dict_checked, read_weights
-from polymodal.errors import CheckpointError, DestinationExistsError, TrainingStopped
+from polymodal.errors import CheckpointError, ConfigError, DestinationExistsError, TrainingStopped
 from polymodal.models.registry import config_to_dict
 from polymodal.plots import save_loss_plot
 from polymodal.train.data import is_resumable
@@ -101,16 +102,30 @@ class TrainConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        """Check every field before a run starts (counts against `polymodal.bounds.MAX_STEPS`)."""
+        owner = "TrainConfig"
         for name in ("steps", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+            check_int(owner, name, getattr(self, name), 1, MAX_STEPS)
         for name in ("warmup_steps", "ckpt_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+            check_int(owner, name, getattr(self, name), 0, MAX_STEPS)
         if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"TrainConfig.schedule must be cosine, linear or constant, got {self.schedule!r}")
+            raise ConfigError(f"TrainConfig.schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"TrainConfig.precision must be auto, fp32 or bf16, got {self.precision!r}")
+            raise ConfigError(f"TrainConfig.precision must be auto, fp32 or bf16, got {self.precision!r}")
+        check_float(owner, "lr", self.lr, 0)
+        check_float(owner, "weight_decay", self.weight_decay, 0)
+        check_length(owner, "betas", self.betas, 2, 2)
+        for i, beta in enumerate(self.betas):
+            check_float(owner, f"betas[{i}]", beta, 0, 1, high_open=True)
+        check_float(owner, "eps", self.eps, 0, low_open=True)
+        if self.max_grad_norm is not None:
+            check_float(owner, "max_grad_norm", self.max_grad_norm, 0, low_open=True)
+        check_float(owner, "min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_int(owner, "seed", self.seed, 0, 2 ** 32 - 1)  # numpy's seed range
 
     def checkpoints_at(self, step: int) -> bool:
         """Whether the loop writes a training checkpoint (with an `out_dir`) after `step`."""

@@ -43,3 +43,19 @@ def test_stage_configs_read_the_shipped_yaml():
     assert align.train.out_dir == "runs/x/align" and instruct.init_from == "runs/x/align/final"
     assert (align.stage, instruct.stage) == ("align", "instruct")
     assert align.model == instruct.model and align.model.vision_tower == "gridpool"
+
+
+def test_the_longer_world_recipe_is_the_quickstart_trained_longer():
+    """configs/mmllm/world_*.yaml say they are the quickstart's model and data: keep them so."""
+    from pathlib import Path
+
+    from polymodal.config import load_config
+    from polymodal.recipes.mmllm import MMLLMRecipeConfig
+
+    configs = Path(__file__).resolve().parents[2] / "configs" / "mmllm"
+    for stage in ("align", "instruct"):
+        longer, quick = load_config(MMLLMRecipeConfig, configs / f"world_{stage}.yaml"), stage_config(stage)
+        assert (longer.data, longer.trainable) == (quick.data, quick.trainable)
+        assert longer.train.steps > quick.train.steps
+        if stage == "align":  # the instruct stage continues from the align checkpoint (init_from)
+            assert longer.model == quick.model

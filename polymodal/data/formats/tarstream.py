@@ -16,6 +16,7 @@ compressed (gzip, bz2, xz) tars are read; offsets count bytes of the uncompresse
 from __future__ import annotations
 
 import lzma
+import os
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -33,12 +34,14 @@ READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
 
 @dataclass
 class TarSample:
-    """The members of one sample: `members[ext] = bytes`; `problem` says why it is unusable, if so."""
+    """The members of one sample: `members[ext] = bytes` (or, read without data, `spans[ext] =
+    (byte offset, size)` of each member's data in the tar); `problem` says why it is unusable, if so."""
 
     key: str
     shard: str
     members: dict[str, bytes] = field(default_factory=dict)
     problem: str | None = None
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class _Header(tarfile.TarInfo):
@@ -67,13 +70,15 @@ def split_name(name: str) -> tuple[str, str] | None:
 
 
 def iter_shard(
-    shard: str, counter: SkipCounter, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+    shard: str, counter: SkipCounter, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES, read_data: bool = True
 ) -> Iterator[TarSample]:
     """Yield the samples of one tar shard in order; report archive and member problems to `counter`.
 
     A sample is yielded even when it has a `problem` (the caller skips it, counted, naming its
     key). When the archive breaks, the sample being gathered is yielded after the break is
-    reported; nothing after the break can be read.
+    reported; nothing after the break can be read. read_data=False (an index for random access,
+    plain tars only) records each member's `spans` instead of reading it; a member whose data
+    runs past the end of the file is the archive breaking there.
     """
     try:
         handle = open(shard, "rb")
@@ -88,12 +93,19 @@ def iter_shard(
             reason = str(err).splitlines()[-1].lstrip("- ") if str(err) else type(err).__name__
             counter.skip(f"{shard}: tar stream at byte 0", f"not a readable tar archive ({reason}); the shard is lost")
             return
+        if not read_data and tar.fileobj is not handle:
+            counter.skip(f"{shard}: tar stream at byte 0", "a compressed shard cannot be indexed for random access; "
+                         "give plain .tar shards")
+            return
+        size = os.fstat(handle.fileno()).st_size if not read_data else None
         with tar:
-            yield from _samples(tar, shard, counter, max_member_bytes)
+            yield from _samples(tar, shard, counter, max_member_bytes, size)
 
 
-def _samples(tar: tarfile.TarFile, shard: str, counter: SkipCounter, max_member_bytes: int) -> Iterator[TarSample]:
-    """Group the members of an open shard into samples (see `iter_shard`)."""
+def _samples(tar: tarfile.TarFile, shard: str, counter: SkipCounter, max_member_bytes: int,
+             file_size: int | None) -> Iterator[TarSample]:
+    """Group the members of an open shard into samples (see `iter_shard`); with `file_size`, record
+    member spans instead of reading the data."""
     sample: TarSample | None = None
     while True:
         info = None
@@ -106,7 +118,7 @@ def _samples(tar: tarfile.TarFile, shard: str, counter: SkipCounter, max_member_
                 if problem is not None:
                     counter.skip(f"{shard}: tar stream at byte {tar.offset}", problem)
                 break
-            named = _member(tar, info, shard, counter, max_member_bytes)
+            named = _member(tar, info, shard, counter, max_member_bytes, file_size)
         except READ_ERRORS as err:
             # tar.offset is where the header that failed starts; a member's data failing to read
             # is reported at that member's header.
@@ -123,13 +135,17 @@ def _samples(tar: tarfile.TarFile, shard: str, counter: SkipCounter, max_member_
         if problem is None and ext in sample.members:
             problem = f"member {short_repr(info.name)} appears twice"
         sample.problem = sample.problem or problem
-        sample.members[ext] = data
+        if file_size is None:
+            sample.members[ext] = data
+        else:
+            sample.spans[ext] = (info.offset_data, info.size)
     if sample is not None:
         yield sample
 
 
 def _member(
-    tar: tarfile.TarFile, info: tarfile.TarInfo, shard: str, counter: SkipCounter, max_member_bytes: int
+    tar: tarfile.TarFile, info: tarfile.TarInfo, shard: str, counter: SkipCounter, max_member_bytes: int,
+    file_size: int | None = None,
 ) -> tuple[str, str, bytes, str | None] | None:
     """(key, extension, data, problem) of one member, or None for a member that joins no sample.
 
@@ -151,6 +167,10 @@ def _member(
     if info.size > max_member_bytes:
         size = f"{info.size} bytes, over max_member_bytes={max_member_bytes}"
         return key, ext, b"", f"member {short_repr(info.name)} is {size}"
+    if file_size is not None:  # indexing: the data stays on disk, but it must all be there
+        if info.offset_data + info.size > file_size:
+            raise tarfile.ReadError(f"member {short_repr(info.name)} runs past the end of the file")
+        return key, ext, b"", None
     return key, ext, tar.extractfile(info).read(), None
 
 

@@ -32,9 +32,7 @@ import contextlib
 import dataclasses
 import json
 import random
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +50,7 @@ from polymodal.errors import CheckpointError, ConfigError, DestinationExistsErro
 from polymodal.models.registry import config_to_dict
 from polymodal.plots import save_loss_plot
 from polymodal.train.data import is_resumable
+from polymodal.train.interrupt import stop_requests
 from polymodal.train.optim import Optimization, default_optimization
 from polymodal.train.state import (
     TrainingState,
@@ -258,7 +257,7 @@ def train(
     metrics = _open_metrics(out_dir, step) if out_dir is not None else None
     model.train()
     bar = tqdm(total=config.steps, initial=step, desc="train", dynamic_ncols=True)
-    with _stop_requests() as stop:
+    with stop_requests() as stop:
         try:
             while step < config.steps:
                 log = run_step(run_model, batches, objective, optimizations, step=step + 1,
@@ -333,38 +332,6 @@ def _check_fits(saved: TrainingState, optimizations: dict[str, Optimization], ex
                              ("extra state", saved.extra, extra)):
         if set(have) != set(want):
             raise CheckpointError(f"{folder} holds {what} {sorted(have)}, this run has {sorted(want)}")
-
-
-class _StopRequest:
-    """Set by SIGINT/SIGTERM while training: the name of the signal, or None."""
-
-    requested: str | None = None
-
-
-@contextlib.contextmanager
-def _stop_requests() -> Iterator[_StopRequest]:
-    """While inside, the first Ctrl-C / SIGTERM only asks the loop to stop after the current step
-    (and save it); a second one interrupts at once. Outside the main thread nothing changes."""
-    request = _StopRequest()
-    if threading.current_thread() is not threading.main_thread():
-        yield request
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def handler(signum, frame):
-        if request.requested is not None:
-            raise KeyboardInterrupt
-        request.requested = signal.Signals(signum).name
-        print(f"\npolymodal train: {request.requested} received; stopping after this step (again to stop now)",
-              file=sys.stderr)
-
-    for sig in previous:
-        signal.signal(sig, handler)
-    try:
-        yield request
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def _skip(batches: Iterator, count: int) -> None:

@@ -48,12 +48,15 @@ def test_truncation_never_cuts_an_image_apart_from_its_pixels():
 
 
 def test_attention_rule_matches_its_definition():
-    doc_ids = torch.tensor([[0, 0, 0, 0, 1, 1, 1, -1]])
-    seg_ids = torch.tensor([[0, 1, 1, 2, 0, 0, 1, -1]])
-    bidir = torch.tensor([[False, True, True, False, True, True, False, False]])
+    # Document 0 holds two bidirectional segments (1 and 3): each sees all of itself, and only the
+    # earlier one of the other; document 1 starts with one.
+    doc_ids = torch.tensor([[0, 0, 0, 0, 0, 0, 1, 1, 1, -1]])
+    seg_ids = torch.tensor([[0, 1, 1, 2, 3, 3, 0, 0, 1, -1]])
+    bidir = torch.tensor([[False, True, True, False, True, True, True, True, False, False]])
     mask = attention_rule_dense(doc_ids, seg_ids, bidir)[0, 0]
-    for q in range(8):
-        for k in range(8):
+    assert not mask[1, 4] and mask[4, 1] and mask[4, 5]
+    for q in range(10):
+        for k in range(10):
             same_doc = doc_ids[0, q] == doc_ids[0, k]
             same_bi = seg_ids[0, q] == seg_ids[0, k] and bidir[0, q]
             assert bool(mask[q, k]) == bool(same_doc and (k <= q or same_bi)), (q, k)

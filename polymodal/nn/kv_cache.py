@@ -36,8 +36,3 @@ class KVCache:
     def advance(self, num_tokens: int) -> None:
         """Move the write offset past the tokens every layer has just stored."""
         self.length += num_tokens
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only the batch rows in `rows` (e.g. drop finished sequences)."""
-        self.keys = [k[rows] for k in self.keys]
-        self.values = [v[rows] for v in self.values]

@@ -6,6 +6,9 @@ statistics really loaded, a deterministic forward, and the ImageNet head behavin
 trained network: the one natural photo we ship (matplotlib's Grace Hopper portrait) is
 classified "military uniform" (ImageNet class 652), the answer well-trained ImageNet
 classifiers give, while a wrong name map, wrong padding or a missed BatchNorm statistic scrambles it.
+The network is also recomputed independently with torch.nn.functional straight from the file's
+own tensor names (conv / batch norm / ReLU6 / TF "SAME" padding written out in the test), and
+the stem, every block, the head and the logits of the loaded module must match it.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from polymodal.assets import efficientnet_lite0_pth_path
@@ -58,6 +62,81 @@ def _synthetic() -> torch.Tensor:
     ys, xs = torch.meshgrid(torch.arange(224), torch.arange(224), indexing="ij")
     board = (((ys // 28) + (xs // 28)) % 2).float().expand(3, -1, -1)
     return torch.stack([red, board])
+
+
+# EfficientNet-B0's layout, which Lite0 keeps (Tan & Le, 2019, Table 1): per stage the stride of
+# its first block and the number of blocks; the kernel sizes and expansions are read off the file.
+B0_STAGE_STRIDES = (1, 2, 2, 2, 1, 2, 1)
+B0_STAGE_REPEATS = (1, 2, 2, 3, 3, 4, 1)
+LITE_BN_EPS = 1e-3  # TF efficientnet_lite_builder: batch_norm_epsilon 1e-3
+
+
+def _tf_same_conv(x, weight, stride, groups=1):
+    """TF "SAME" convolution written out: output ceil(n / stride) per axis; the padding total is
+    max((out - 1) * stride + k - n, 0), the odd pixel going to the bottom / right."""
+    k = weight.shape[-1]
+    pads = []
+    for n in (x.shape[-1], x.shape[-2]):  # F.pad: last axis first
+        total = max((-(-n // stride) - 1) * stride + k - n, 0)
+        pads += [total // 2, total - total // 2]
+    return F.conv2d(F.pad(x, pads), weight, stride=stride, groups=groups)
+
+
+def _bn(x, tensors, prefix):
+    """Inference batch norm with the file's running statistics."""
+    return F.batch_norm(x, tensors[f"{prefix}.running_mean"], tensors[f"{prefix}.running_var"],
+                        tensors[f"{prefix}.weight"], tensors[f"{prefix}.bias"], training=False, eps=LITE_BN_EPS)
+
+
+def _lite0_by_hand(tensors, x):
+    """EfficientNet-Lite0 from the file's tensors (efficientnet_pytorch names), no module of ours:
+    stem conv -> bn -> ReLU6; MBConv blocks (1x1 expand -> bn -> ReLU6 unless the ratio is 1,
+    depthwise k x k -> bn -> ReLU6, 1x1 project -> bn, residual when shape is kept); 1x1 head conv
+    -> bn -> ReLU6; global mean; linear classifier. Returns the outputs of the stem, every block and
+    the head, and the logits."""
+    def relu6(y):
+        return y.clamp(0.0, 6.0)
+
+    x = relu6(_bn(_tf_same_conv(x, tensors["_conv_stem.weight"], 2), tensors, "_bn0"))
+    outs = {"stem": x}
+    strides = [s if i == 0 else 1 for s, r in zip(B0_STAGE_STRIDES, B0_STAGE_REPEATS) for i in range(r)]
+    for b, stride in enumerate(strides):
+        p = f"_blocks.{b}"
+        y = x
+        if f"{p}._expand_conv.weight" in tensors:
+            y = relu6(_bn(_tf_same_conv(y, tensors[f"{p}._expand_conv.weight"], 1), tensors, f"{p}._bn0"))
+        y = relu6(_bn(_tf_same_conv(y, tensors[f"{p}._depthwise_conv.weight"], stride, groups=y.shape[1]),
+                      tensors, f"{p}._bn1"))
+        y = _bn(_tf_same_conv(y, tensors[f"{p}._project_conv.weight"], 1), tensors, f"{p}._bn2")
+        x = x + y if stride == 1 and y.shape == x.shape else y
+        outs[f"block{b}"] = x
+    assert f"_blocks.{len(strides)}._project_conv.weight" not in tensors  # every block of the file was used
+    x = relu6(_bn(_tf_same_conv(x, tensors["_conv_head.weight"], 1), tensors, "_bn1"))
+    outs["head"] = x
+    outs["logits"] = F.linear(x.mean(dim=(2, 3)), tensors["_fc.weight"], tensors["_fc.bias"])
+    return outs
+
+
+def test_loaded_network_equals_a_functional_recomputation_from_the_file(model, tensors):
+    """Odd, non-square input (asymmetric TF padding on both axes): the stem, all 16 blocks, the
+    head and the logits of the loaded module equal the by-hand network on the file's tensors."""
+    x = model.normalize(torch.rand(1, 3, 97, 130, generator=torch.Generator().manual_seed(1)))
+    got = {}
+    hooks = [model.stem.register_forward_hook(lambda m, a, out: got.__setitem__("stem", out)),
+             model.head.register_forward_hook(lambda m, a, out: got.__setitem__("head", out))]
+    for b, block in enumerate(model.blocks):
+        hooks.append(block.register_forward_hook(lambda m, a, out, b=b: got.__setitem__(f"block{b}", out)))
+    try:
+        with torch.no_grad():
+            got["logits"] = model(x).logits
+            want = _lite0_by_hand(tensors, x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert set(got) == set(want) and len(model.blocks) == 16
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    assert want["stem"].shape[-2:] == (49, 65) and want["head"].shape[-2:] == (4, 5)
 
 
 def test_every_file_tensor_maps_onto_the_module(tensors):

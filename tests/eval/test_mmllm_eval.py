@@ -60,6 +60,10 @@ def test_wrong_answers_count_against_their_type(monkeypatch, model, tokenizer):
     metrics = evaluate_world(model, tokenizer, split="val", num_scenes=3, progress=False)
     assert metrics["vqa_color"] == 0.0 and metrics["vqa_count"] == 1.0
     assert 0.0 < metrics["vqa_all"] < 1.0
+    # Exactly: every question but the color ones is right, and "all" weights questions equally.
+    qtypes = [qa.qtype for s in World("val", image_size=32).scenes(3) for qa in s.questions()]
+    assert metrics["vqa_all"] == pytest.approx(1 - qtypes.count("color") / len(qtypes))
+    assert all(metrics[f"vqa_{q}"] == 1.0 for q in set(qtypes) - {"color"})
 
 
 def test_tiny_model_end_to_end(model, tokenizer):

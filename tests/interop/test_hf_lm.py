@@ -28,7 +28,8 @@ SIZES = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_lay
 CASES = {
     "llama_gqa": (LlamaConfig, LlamaForCausalLM, dict(rope_theta=500.0)),
     "llama_head_dim": (LlamaConfig, LlamaForCausalLM, dict(head_dim=24, num_key_value_heads=1)),
-    "qwen2_bias": (Qwen2Config, Qwen2ForCausalLM, dict()),
+    # A large RMSNorm eps: a converter that reads the wrong key (and keeps the default) shows.
+    "qwen2_bias": (Qwen2Config, Qwen2ForCausalLM, dict(rms_norm_eps=0.5)),
     "llama_tied": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=True)),
     "llama3_rope": (LlamaConfig, LlamaForCausalLM, dict(rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -38,6 +38,8 @@ def test_registered_and_encode_shapes():
     out = model(**batch)
     expected = model.scale() * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).t()
     torch.testing.assert_close(out.logits_per_image, expected)
+    # The scale itself, from the raw parameter: CLIP's exp(log(1 / 0.07)) = 1 / 0.07 at init.
+    torch.testing.assert_close(model.scale(), torch.tensor(1 / 0.07))
     torch.testing.assert_close(model.similarity(batch["pixel_values"], batch["input_ids"]), expected)
     probs = model.zero_shot_classify(batch["pixel_values"], batch["input_ids"])
     torch.testing.assert_close(probs.sum(1), torch.ones(4))
@@ -109,6 +111,11 @@ def test_freeze_text_and_patch_dropout():
     assert model.text_projection.weight.grad is not None
     model.eval()  # no dropout at evaluation: deterministic features
     torch.testing.assert_close(model.encode_image(batch["pixel_values"]), model.encode_image(batch["pixel_values"]))
+    # ... and every patch is kept: the features equal the ViT's own full forward (its own token
+    # assembly, every token through every layer, no patch dropout code) and the projection.
+    with torch.no_grad():
+        full = model.visual_projection(model.vision_model(batch["pixel_values"]).pooler_output)
+        torch.testing.assert_close(model.encode_image(batch["pixel_values"]), full, atol=1e-5, rtol=1e-5)
     model.train()
     torch.manual_seed(0)
     a = model.encode_image(batch["pixel_values"])

@@ -1,8 +1,10 @@
 """Building blocks: norms, RoPE (1D/2D/3D), attention (GQA, cross), patch embeddings, KV cache."""
+import math
+
 import torch
 import torch.nn.functional as F
 
-from polymodal.nn.attention import Attention
+from polymodal.nn.attention import Attention, attend
 from polymodal.nn.kv_cache import KVCache
 from polymodal.nn.norms import RMSNorm
 from polymodal.nn.patch_embed import PatchEmbed2D, PatchEmbed3D, grid_positions
@@ -31,6 +33,21 @@ def test_rope_is_relative():
     torch.testing.assert_close(score(7, 7), (q * k).sum())
 
 
+
+def test_attention_with_rope_depends_only_on_relative_positions():
+    """Shifting every position by the same offset leaves a causal RoPE attention layer's output
+    unchanged (q and k are both rotated, so scores see only differences)."""
+    torch.manual_seed(0)
+    attn = Attention(32, num_heads=4)
+    rope = RotaryEmbedding(8, theta=100.0)
+    x = torch.randn(1, 6, 32)
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()
+    def at(start):
+        return attn(x, rope=rope(torch.arange(start, start + 6)), mask=mask)
+
+    torch.testing.assert_close(at(0), at(37), atol=1e-5, rtol=1e-5)
+    assert (at(0) - attn(x, mask=mask)).abs().max() > 1e-3  # and RoPE does change it
+
 def test_multi_axis_rope_rotates_each_axis_independently():
     rope = RotaryEmbedding(16, axes=2)
     pos = grid_positions(3, 4)  # (12, 2) rows/cols
@@ -48,6 +65,72 @@ def test_llama3_rope_scaling_keeps_high_frequencies():
                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
     assert torch.equal(scaled[:4], base[:4])  # short wavelengths untouched
     torch.testing.assert_close(scaled[-1], base[-1] / 8.0)  # long wavelengths divided by factor
+
+
+def _llama3_inv_freq_by_hand(dim, theta, factor, low_freq_factor, high_freq_factor, old_context_len):
+    """The Llama 3.1 RoPE scaling rule, per frequency, as published with the Llama 3.1 weights
+    (meta-llama/llama-models, `apply_scaling` in models/llama3/reference_impl/model.py; HF
+    transformers' `_compute_llama3_parameters` is the same): with wavelen = 2 pi / freq,
+    - wavelen < old_context_len / high_freq_factor (high frequencies): freq unchanged;
+    - wavelen > old_context_len / low_freq_factor (low frequencies): freq / factor;
+    - otherwise, smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+      and freq' = (1 - smooth) * freq / factor + smooth * freq.
+    Returns (frequencies, band of each: "high" / "low" / "middle"), in float64 Python numbers."""
+    freqs, bands = [], []
+    for i in range(dim // 2):
+        freq = theta ** (-2 * i / dim)
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context_len / high_freq_factor:
+            freqs.append(freq), bands.append("high")
+        elif wavelen > old_context_len / low_freq_factor:
+            freqs.append(freq / factor), bands.append("low")
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            freqs.append((1 - smooth) * freq / factor + smooth * freq), bands.append("middle")
+    return torch.tensor(freqs, dtype=torch.float64), bands
+
+
+def test_rope_inverse_frequencies_match_the_closed_form():
+    """inv_freq[i] = theta^(-2i/d) (Su et al., RoFormer), divided by `factor` under linear scaling."""
+    for dim, theta in ((8, 10000.0), (64, 10000.0), (128, 500000.0)):
+        closed = torch.tensor([theta ** (-2 * i / dim) for i in range(dim // 2)], dtype=torch.float64)
+        torch.testing.assert_close(rope_inv_freq(dim, theta).double(), closed, rtol=1e-6, atol=0)
+        torch.testing.assert_close(rope_inv_freq(dim, theta, {"rope_type": "linear", "factor": 4.0}).double(),
+                                   closed / 4, rtol=1e-6, atol=0)
+        torch.testing.assert_close(RotaryEmbedding(dim, theta).inv_freq.double(), closed, rtol=1e-6, atol=0)
+
+
+def test_llama3_rope_scaling_matches_the_published_rule_in_every_band():
+    """Llama 3.1's own numbers (d=128, theta=500000, factor 8, low 1, high 4, 8192 original
+    positions) and a second set whose middle band is wide: every frequency equals the rule
+    written out per frequency, and each of the three bands holds some of them."""
+    settings = ((128, 500000.0, 8.0, 1.0, 4.0, 8192), (64, 10000.0, 4.0, 1.0, 32.0, 2048))
+    for dim, theta, factor, low, high, old in settings:
+        want, bands = _llama3_inv_freq_by_hand(dim, theta, factor, low, high, old)
+        assert {"high", "low", "middle"} == set(bands) and bands.count("middle") >= 2
+        got = rope_inv_freq(dim, theta, {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                                         "high_freq_factor": high, "original_max_position_embeddings": old})
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+
+
+def test_rope_tables_and_rotation_match_the_closed_form():
+    """cos/sin at position p are cos(p * theta^(-2i/d)) for slot i, repeated over both halves; the
+    rotation turns the pair (x_j, x_{j+d/2}) by that angle (HF Llama's rotate-half layout)."""
+    dim, theta = 8, 100.0
+    positions = torch.tensor([0, 3, 17])
+    cos, sin = RotaryEmbedding(dim, theta)(positions)  # (3, 8)
+    x = torch.randn(1, 1, 3, dim, dtype=torch.float64)
+    rotated = apply_rotary(x, cos, sin)
+    for row, pos in enumerate(positions.tolist()):
+        for i in range(dim // 2):
+            angle = pos * theta ** (-2 * i / dim)
+            for j in (i, i + dim // 2):
+                assert math.isclose(cos[row, j].item(), math.cos(angle), abs_tol=1e-5)
+                assert math.isclose(sin[row, j].item(), math.sin(angle), abs_tol=1e-5)
+            a, b = x[0, 0, row, i].item(), x[0, 0, row, i + dim // 2].item()
+            assert math.isclose(rotated[0, 0, row, i].item(), a * math.cos(angle) - b * math.sin(angle), abs_tol=1e-5)
+            assert math.isclose(rotated[0, 0, row, i + dim // 2].item(), b * math.cos(angle) + a * math.sin(angle),
+                                abs_tol=1e-5)
 
 
 def test_gqa_attention_equals_expanded_multi_head_reference():
@@ -107,8 +190,42 @@ def test_kv_cache_overflow_is_a_clear_error():
         raise AssertionError("expected overflow error")
 
 
+def _attention_by_hand(q, k, v, allowed, scale=None):
+    """Oracle: softmax(Q K^T * scale + log(allowed)) V written out, with the K/V heads repeated for
+    grouped queries (query head h reads K/V head h // (H / H_kv)). q (B, H, T, D); k, v (B, H_kv, S, D);
+    allowed: bool broadcastable to (B, H, T, S), True = may attend."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.einsum("bhtd,bhsd->bhts", q, k) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = scores.exp() / scores.exp().sum(-1, keepdim=True)
+    return torch.einsum("bhts,bhsd->bhtd", weights, v)
+
+
 def test_dense_mask_sdpa_matches_is_causal():
+    """`attend` under every mask form it takes on the CPU (None, "causal", a dense boolean mask
+    per row) and with grouped K/V heads equals attention written out by hand."""
     q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
     mask = torch.ones(5, 5, dtype=torch.bool).tril()
     torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
                                F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 8, generator=g) * 2  # 4 query heads over 2 K/V heads; scores far from uniform
+    k, v = torch.randn(2, 2, 5, 8, generator=g) * 2, torch.randn(2, 2, 5, 8, generator=g)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    torch.testing.assert_close(attend(q, k, v, "causal"), _attention_by_hand(q, k, v, causal), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attend(q, k, v, causal), _attention_by_hand(q, k, v, causal), atol=1e-5, rtol=1e-5)
+    everything = torch.ones(5, 5, dtype=torch.bool)
+    torch.testing.assert_close(attend(q, k, v), _attention_by_hand(q, k, v, everything), atol=1e-5, rtol=1e-5)
+    # A per-row mask (B, 1, T, S) that is neither causal nor full: row 0 left-padded by two
+    # (keys 0-1 invalid; a pad query sees itself only), row 1 attends to every even key, and itself.
+    rows = torch.zeros(2, 1, 5, 5, dtype=torch.bool)
+    rows[0, 0] = causal & torch.tensor([False, False, True, True, True])
+    rows[0, 0] |= torch.eye(5, dtype=torch.bool)
+    rows[1, 0] = torch.tensor([True, False, True, False, True]) | torch.eye(5, dtype=torch.bool)
+    want = _attention_by_hand(q, k, v, rows)
+    torch.testing.assert_close(attend(q, k, v, rows), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attend(q, k, v, rows, scale=0.1), _attention_by_hand(q, k, v, rows, 0.1),
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(want, _attention_by_hand(q, k, v, everything), atol=1e-2)  # the mask matters

@@ -13,6 +13,7 @@ def test_quickstart_smoke_is_reproducible(tmp_path, capsys):
     table = quickstart(out=tmp_path / "qs", eval_scenes=1, overrides=FEW_STEPS)
     assert {"val/color", "val/shape", "val/all", "compositional/all", "val/cider", "color", "all"} <= set(table)
     assert all(0.0 <= v <= 1.0 for k, v in table.items() if not k.endswith("cider"))
+    _check_table_against_the_questions_asked(table, eval_scenes=1)
     out = tmp_path / "qs"
     assert (out / "loss.png").stat().st_size > 0 and (out / "examples.png").stat().st_size > 0
     assert (out / "instruct" / "final" / "config.json").exists()
@@ -26,6 +27,27 @@ def test_quickstart_smoke_is_reproducible(tmp_path, capsys):
                 for line in (root / stage / "metrics.jsonl").read_text().splitlines()]
 
     assert losses(out) == losses(tmp_path / "again")
+
+
+def _check_table_against_the_questions_asked(table, eval_scenes):
+    """Oracle: the questions of the scenes each column asks (the world is deterministic). An exact
+    match rate of a type with n questions is a whole number of hits over n; "<column>/all" is the
+    question-weighted mean of the per-type rates; the unprefixed figures are the val column's."""
+    from collections import Counter
+
+    from polymodal.data.world import World
+    from polymodal.quickstart import EVAL_COLUMNS
+
+    size = stage_config("instruct").model.image_size
+    for column, (split, objects) in EVAL_COLUMNS.items():
+        scenes = World(split, image_size=size, num_objects=objects).scenes(eval_scenes)
+        counts = Counter(qa.qtype for scene in scenes for qa in scene.questions())
+        assert {k.split("/")[1] for k in table if k.startswith(f"{column}/")} == {*counts, "all", "bleu4", "cider"}
+        hits = {q: table[f"{column}/{q}"] * n for q, n in counts.items()}
+        assert all(h == pytest.approx(round(h)) for h in hits.values()), hits
+        assert table[f"{column}/all"] == pytest.approx(sum(hits.values()) / sum(counts.values()))
+    assert {k: v for k, v in table.items() if "/" not in k} == \
+        {k.removeprefix("val/"): v for k, v in table.items() if k.startswith("val/")}
 
 
 def test_an_earlier_run_is_refused_and_overwrite_keeps_what_polymodal_did_not_write(tmp_path):

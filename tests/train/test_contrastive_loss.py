@@ -1,12 +1,17 @@
-"""CLIP / SigLIP / caption losses against loop references, and two-process gathered-loss equivalence."""
+"""CLIP / SigLIP / caption losses against loop references, the `clip` family's objective against the
+same references on the model's raw features, and two-process gathered-loss equivalence."""
+import dataclasses
 import math
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from polymodal.models.contrastive import ContrastiveModel, clip_tiny
+from polymodal.train.objectives import contrastive_loss
 from polymodal.train.objectives.contrastive import caption_loss, clip_loss, siglip_loss
 
 
@@ -46,6 +51,45 @@ def test_siglip_loss_matches_loops():
     img, txt = _embeds(1)
     got = siglip_loss(img, txt, torch.tensor(10.0, dtype=torch.float64), torch.tensor(-3.0, dtype=torch.float64))
     assert math.isclose(got.item(), _naive_siglip(img, txt, 10.0, -3.0), rel_tol=1e-5)
+
+
+def _tiny_batch(config, n=5):
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, config.text.vocab_size - 1, (n, 8), generator=g)
+    ids[:, -1] = config.text.eos_token_id
+    size = config.vision.image_size
+    return {"pixel_values": torch.randn(n, 3, size, size, generator=g), "input_ids": ids}
+
+
+@pytest.mark.parametrize("loss, scale_init, bias_init", [
+    ("clip", 1.5, -10.0),  # exp(1.5) = 4.48: a scale left un-exponentiated (1.5) is far off
+    ("clip", 5.0, -10.0),  # exp(5) = 148 is capped at max_logit_scale = 100
+    ("siglip", 1.2, -2.5),  # exp(1.2) = 3.32, and a bias that is not SigLIP's default
+])
+def test_contrastive_objective_equals_the_published_losses_on_raw_features(loss, scale_init, bias_init):
+    """Oracle: the model's unnormalised features (`encode_image` / `encode_text`, the values of
+    transformers' get_*_features), L2-normalised here, and the temperature computed here from the
+    raw parameter as CLIP defines it, exp(logit_scale) capped at max_logit_scale (1 / 0.01 in
+    CLIP), then the loop references above: InfoNCE (Radford et al., 2021) or SigLIP's sigmoid loss
+    (Zhai et al., 2023, with the learnt bias). The model's own `scale()` is never consulted."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(clip_tiny(), loss=loss, logit_scale_init=scale_init, logit_bias_init=bias_init)
+    model = ContrastiveModel(config).eval()
+    batch = _tiny_batch(config)
+    with torch.no_grad():
+        img = model.encode_image(batch["pixel_values"]).double()
+        txt = model.encode_text(batch["input_ids"]).double()
+        img, txt = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
+        scale = min(math.exp(float(model.logit_scale)), config.max_logit_scale)
+        bias = float(model.logit_bias)
+        got = contrastive_loss(model, batch).item()
+        out = model(**batch)
+    assert (scale, bias) == (pytest.approx(min(math.exp(scale_init), 100.0)), pytest.approx(bias_init))
+    want = _naive_clip(img, txt, scale) if loss == "clip" else _naive_siglip(img, txt, scale, bias)
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+    logits = scale * img @ txt.t() + (bias if loss == "siglip" else 0.0)  # (B_img, B_txt)
+    torch.testing.assert_close(out.logits_per_image.double(), logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.logits_per_text.double(), logits.t(), atol=1e-4, rtol=1e-4)
 
 
 def test_caption_loss_skips_padding_and_first_token():

@@ -10,6 +10,7 @@ import torch.nn as nn
 from polymodal.checkpoint import load_checkpoint
 from polymodal.train.data import IndexedBatches
 from polymodal.train.loop import NonFiniteLossError, TrainConfig, train
+from polymodal.train.optim import Optimization
 from polymodal.train.state import find_latest_checkpoint, list_training_checkpoints, load_training_state
 
 
@@ -25,7 +26,10 @@ def _mse(model, batch):
     return ((model(x) - y) ** 2).mean()
 
 
-def test_grad_accumulation_equals_one_big_batch():
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_grad_accumulation_equals_one_big_batch(optimizer):
+    # SGD too: AdamW's update barely changes when every gradient is scaled (summed, not averaged).
+    sgd = (lambda model, config: {"model": Optimization(torch.optim.SGD(model.parameters(), lr=config.lr))})
     x, y = _regression_data()
     results = []
     for accum, size in ((1, 16), (4, 4)):
@@ -35,7 +39,7 @@ def test_grad_accumulation_equals_one_big_batch():
         data = IndexedBatches(lambda i, s=size: (x[(i * s) % 16:(i * s) % 16 + s], y[(i * s) % 16:(i * s) % 16 + s]))
         config = TrainConfig(steps=6, lr=0.05, grad_accum=accum, schedule="constant", max_grad_norm=None,
                              weight_decay=0.1)
-        results.append((train(model, data, _mse, config), model))
+        results.append((train(model, data, _mse, config, optimizers=sgd if optimizer == "sgd" else None), model))
     (big, big_model), (small, small_model) = results
     assert small.losses == pytest.approx(big.losses, rel=1e-5)
     assert torch.allclose(small_model.weight, big_model.weight, atol=1e-6)

@@ -120,7 +120,8 @@ def test_each_optimizer_steps_on_its_own_loss_only():
 
 def test_ema_follows_the_closed_form():
     model = nn.Linear(1, 1, bias=False)
-    ema = EMA(model, decay=0.5, warmup=False)
+    # decay 0.75, not 0.5: with 0.5 the decay and (1 - decay) would be interchangeable.
+    ema = EMA(model, decay=0.75, warmup=False)
     with torch.no_grad():
         model.weight.fill_(0.0)
     ema.shadow["weight"].fill_(0.0)
@@ -128,9 +129,23 @@ def test_ema_follows_the_closed_form():
         with torch.no_grad():
             model.weight.fill_(value)
         ema.update()
-    assert ema.shadow["weight"].item() == pytest.approx(0.5 * (0.5 * 4.0) + 0.5 * 8.0)  # 5.0
+    assert ema.shadow["weight"].item() == pytest.approx(0.75 * (0.25 * 4.0) + 0.25 * 8.0)  # 2.75
     copy = EMA(nn.Linear(1, 1, bias=False)).copy_to(nn.Linear(1, 1, bias=False))
     assert copy.weight.shape == (1, 1)
+
+
+def test_ema_warmup_ramps_the_decay_from_one_tenth():
+    """decay_t = min(decay, (1 + t) / (10 + t)): 0.1 at the first update, 2/11 at the second."""
+    model = nn.Linear(1, 1, bias=False)
+    ema = EMA(model, decay=0.999)
+    ema.shadow["weight"].fill_(0.0)
+    with torch.no_grad():
+        model.weight.fill_(10.0)
+    ema.update()
+    assert ema.shadow["weight"].item() == pytest.approx(9.0)  # 0.1 * 0 + 0.9 * 10
+    assert ema.current_decay() == pytest.approx(2 / 11)
+    ema.updates = 10_000
+    assert ema.current_decay() == pytest.approx(0.999)
 
 
 def test_parallelize_hook_wraps_the_model_for_the_objective_only(tmp_path):

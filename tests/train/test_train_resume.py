@@ -58,15 +58,17 @@ def test_resume_is_bit_identical_with_shuffling_and_dropout(tmp_path, sequences,
     assert torch.equal(final.mlp[0].weight, resumed_model.mlp[0].weight)
 
 
-def test_resume_with_plain_iterable_fast_forwards(tmp_path, sequences, make_model, lm_loss):
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_resume_with_plain_iterable_fast_forwards(tmp_path, sequences, make_model, lm_loss, grad_accum):
+    # With accumulation the fast-forward must skip steps x micro-batches, not steps.
     batches = [sequences[i * 4:(i + 1) * 4] for i in range(12)]  # a list: not resumable, but repeatable
-    config = _config(tmp_path / "a", steps=6, ckpt_every=3, grad_accum=1)
+    config = _config(tmp_path / "a", steps=6, ckpt_every=3, grad_accum=grad_accum)
     straight = train(make_model(0), batches, lm_loss, config)
     with pytest.raises(Crash):
-        train(make_model(0), batches, lm_loss, _config(tmp_path / "b", steps=6, ckpt_every=3, grad_accum=1),
+        train(make_model(0), batches, lm_loss, _config(tmp_path / "b", steps=6, ckpt_every=3, grad_accum=grad_accum),
               callbacks=[_crash_at(4)])
     resumed = train(make_model(1), batches, lm_loss,
-                    _config(tmp_path / "b", steps=6, ckpt_every=3, grad_accum=1))
+                    _config(tmp_path / "b", steps=6, ckpt_every=3, grad_accum=grad_accum))
     assert resumed.losses == straight.losses
 
 

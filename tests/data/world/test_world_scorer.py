@@ -1,7 +1,9 @@
 """The exact scorer: ground truth scores ~100%, errors are detected, noise and blur degrade it."""
+import dataclasses
 import itertools
 
 import numpy as np
+import pytest
 from PIL import Image, ImageFilter
 
 from polymodal.data.world import World, WorldObject, parse_image, score_image
@@ -60,6 +62,49 @@ def test_wrong_expectations_are_flagged():
     assert not extra["all_correct"] and not extra["count_correct"] and extra["num_parsed"] == 2
     empty = score_image(np.full((64, 64, 3), 200, np.uint8), scene)
     assert empty["num_parsed"] == 0 and empty["presence"] == 0.0 and not empty["all_correct"]
+
+
+def test_each_attribute_that_differs_alone_is_reported_and_nothing_else():
+    """Oracle: the scene's own ground truth with exactly one attribute of the first object changed.
+    The scorer must flag that attribute (and the correctness it implies) and only it: every other
+    flag, the other object and the per-attribute rates stay exactly as on the ground truth."""
+    scene = World("train", image_size=64, num_objects=(2, 2))[0]
+    image = scene.render()
+    first, second = scene.objects
+    assert score_image(image, scene)["all_correct"]
+    other_color = next(c for c in ("red", "green", "blue") if c not in (first.color, second.color))
+    other_shape = next(s for s in ("circle", "triangle", "cross") if s not in (first.shape, second.shape))
+    other_size = next(z for z in ("small", "medium", "large") if z != first.size)
+    moved_cell = next((r, c) for r in range(3) for c in range(3) if (r, c) not in (first.cell, second.cell))
+    truth = {"present": True, "matched": True, "color": True, "shape": True, "size": True, "position": True,
+             "correct": True}
+    cases = {  # attribute changed -> the flags that must turn False
+        "color": (dataclasses.replace(first, color=other_color), {"color", "present"}),
+        "shape": (dataclasses.replace(first, shape=other_shape), {"shape", "present"}),
+        "size": (dataclasses.replace(first, size=other_size), {"size"}),
+        "position": (dataclasses.replace(first, cell=moved_cell), {"position"}),
+    }
+    for attribute, (wrong, flagged) in cases.items():
+        result = score_image(image, [wrong, second])
+        first_flags = {k: v for k, v in result["objects"][0].items() if k != "expected"}
+        assert first_flags == {**truth, **{f: False for f in flagged}, "correct": False}, attribute
+        assert {k: v for k, v in result["objects"][1].items() if k != "expected"} == truth, attribute
+        assert result["all_correct"] is False and result["count_correct"] is True, attribute
+        for rate in ("presence", "color", "shape", "size", "position"):
+            want = 0.5 if (rate if rate != "presence" else "present") in flagged else 1.0
+            assert result[rate] == want, (attribute, rate)
+    # Count: one object too many expected (the image holds 2); both real ones still match exactly.
+    absent = WorldObject(other_shape, other_color, first.size, moved_cell, first.center)
+    result = score_image(image, [first, second, absent])
+    assert (result["count_correct"], result["all_correct"], result["num_parsed"]) == (False, False, 2)
+    assert [r["correct"] for r in result["objects"]] == [True, True, False]
+    # Presence: that extra object's color + shape is nowhere in the image, nor matched to anything.
+    assert (result["objects"][2]["present"], result["objects"][2]["matched"]) == (False, False)
+    assert result["presence"] == pytest.approx(2 / 3)
+    # Count the other way: one object too few expected; the one expected is still exactly right.
+    result = score_image(image, [first])
+    assert (result["count_correct"], result["all_correct"], result["num_parsed"]) == (False, False, 2)
+    assert result["objects"][0]["correct"] is True and result["size"] == result["presence"] == 1.0
 
 
 def _non_increasing(values, slack=0.05):

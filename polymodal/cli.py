@@ -92,10 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     from polymodal.data.export import add_cli as add_world_cli
     from polymodal.eval.cli import add_cli as add_eval_cli
     from polymodal.infer.chat_cli import add_cli as add_chat_cli
+    from polymodal.infer.images_cli import add_cli as add_generate_cli
 
     add_world_cli(sub)
     add_eval_cli(sub)
     add_chat_cli(sub)
+    add_generate_cli(sub)
     return parser
 
 

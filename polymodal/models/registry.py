@@ -189,6 +189,8 @@ BUILTIN_FAMILY_MODULES = (
     "polymodal.models.bert",
     "polymodal.models.contrastive",
     "polymodal.models.mmllm",
+    "polymodal.models.vae",
+    "polymodal.models.diffusion",
 )
 
 

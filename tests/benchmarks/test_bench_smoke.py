@@ -237,3 +237,14 @@ def test_caption_word_probe_scores_an_oracle_perfectly_and_counts_every_word():
     assert result["place"][0] == 1.0 and result["place"][1] >= objects
     untrained = probe.caption_word_accuracy(model, tokenizer, "grounded", scenes=4)
     assert all(0.0 <= accuracy <= 1.0 and count >= objects for accuracy, count in untrained.values())
+
+
+def test_bench_dit_runs_both_comparisons_quickly():
+    import bench_dit
+
+    train = bench_dit.main(["--quick", "--threads", "1", "--iters", "1"])
+    assert train["max_abs_diff"] < 1e-4
+    for section in ("train", "inference"):
+        assert all(_finite_positive(train[section][name]["images_per_s"]) for name in ("polymodal", "diffusers"))
+    sampling = bench_dit.main(["--quick", "--sampling", "--threads", "1", "--iters", "1"])
+    assert _finite_positive(sampling["ratio"]["median"])

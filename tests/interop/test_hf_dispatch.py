@@ -122,6 +122,9 @@ BERT, LLAVA, BLIP2 = (f"polymodal.interop.hf_{m}:HF_{m.upper()}_CONVERTER" for m
     ({"architectures": ["Blip2ForConditionalGeneration"], "model_type": "blip-2"}, "mmllm", BLIP2),
     ({"architectures": ["InstructBlipForConditionalGeneration"]}, "mmllm", BLIP2),
     ({"model_type": "instructblip"}, "mmllm", BLIP2),
+    ({"_class_name": "AutoencoderKL"}, "vae", "polymodal.interop.diffusers_vae:VAE_CONVERTER"),
+    ({"_class_name": "DiTTransformer2DModel"}, "diffusion", "polymodal.interop.diffusers_denoisers:DIT_CONVERTER"),
+    ({"_class_name": "UNet2DConditionModel"}, "diffusion", "polymodal.interop.diffusers_denoisers:UNET_CONVERTER"),
 ])
 def test_each_declaration_picks_its_family_converter(declared, family, converter):
     found = converter_for(declared, SOURCE)
@@ -134,7 +137,7 @@ def test_each_declaration_picks_its_family_converter(declared, family, converter
     ({"architectures": ["LlamaForSequenceClassification"], "model_type": "llama"}, "LlamaForSequenceClassification"),
     ({"architectures": ["LlamaForCausalLM", "CLIPModel"]}, "'CLIPModel']"),  # no converter reads both
     ({"model_type": "gpt2"}, "model_type 'gpt2'"),
-    ({"_class_name": "UNet2DConditionModel"}, "_class_name 'UNet2DConditionModel'"),
+    ({"_class_name": "UNet2DModel"}, "_class_name 'UNet2DModel'"),  # diffusers' unconditional U-Net
     ({}, "declaring no model"),
 ])
 def test_unsupported_declarations_are_refused_naming_file_and_supported(declared, shown):

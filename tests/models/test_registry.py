@@ -17,7 +17,9 @@ def _output_tensor(out):
 
 
 def _score(family, model, batch) -> torch.Tensor:
-    """The family's objective on the batch, or (a tower without one) the mean square of its output."""
+    """The family's objective on the batch, or (a tower without one) the mean square of its output.
+    Seeded: a diffusion objective draws its timesteps and noise, a VAE its posterior sample."""
+    torch.manual_seed(1)
     if family.objective is not None:
         return resolve(family.objective)(model, batch)
     return _output_tensor(model(**batch)).float().pow(2).mean()

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 
 from polymodal.api import load
-from polymodal.data.dual_encoder import pixels_from_uint8
+from polymodal.data.dual_encoder import scene_pixels
 from polymodal.data.world import World
 from polymodal.data.world.text import captions_of
 from polymodal.infer.images import prompt_tokens, to_pil
@@ -38,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("the probe reads text-conditioned flow models")
     size, length = model.config.sample_size, model.config.text.max_positions
     scenes = list(World("val", image_size=size, num_objects=(1, 1)).scenes(args.n))
-    x0 = pixels_from_uint8(np.stack([s.render() for s in scenes]))
+    x0 = scene_pixels(scenes)
     captions = [captions_of(s, [args.style])[0] for s in scenes]
     kinds = {"own": captions, "empty": [""] * len(captions), "other": captions[1:] + captions[:1]}
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))

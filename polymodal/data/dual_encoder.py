@@ -44,6 +44,11 @@ def pixels_from_uint8(images: np.ndarray) -> torch.Tensor:
     return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
 
 
+def scene_pixels(scenes, size: int | None = None) -> torch.Tensor:
+    """World scenes rendered (at `size`, default their own) as float (N, 3, S, S) in [-1, 1]."""
+    return pixels_from_uint8(np.stack([scene.render(size) for scene in scenes]))
+
+
 def image_array(image: Any, size: int, channels: int) -> np.ndarray:
     """A uint8 array (H, W) for 1 channel or (H, W, 3) of a PIL image resized (bicubic) to size x
     size; a uint8 array is passed through (the towers resize what they must themselves)."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from polymodal.data.dual_encoder import pixels_from_uint8, tokenize_captions
+from polymodal.data.dual_encoder import pixels_from_uint8, scene_pixels, tokenize_captions
 from polymodal.errors import UsageError
 
 
@@ -95,7 +95,7 @@ def _world_scenes(split: str, n: int, image_size: int):
     from polymodal.data.world import World
 
     scenes = list(World(split, image_size=image_size, num_objects=(1, 1)).scenes(n))
-    return scenes, pixels_from_uint8(np.stack([s.render() for s in scenes]))
+    return scenes, scene_pixels(scenes)
 
 
 WORLD_ATTRIBUTES = ("size", "color", "shape", "position")

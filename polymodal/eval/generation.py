@@ -79,7 +79,7 @@ def evaluate_generation(model, tokenizer, *, split: str = "val", n: int = 50, gu
     is not "compositional" itself)."""
     from tqdm import tqdm
 
-    from polymodal.data.dual_encoder import pixels_from_uint8
+    from polymodal.data.dual_encoder import scene_pixels
     from polymodal.infer.images import generate_tensors, to_pil
 
     columns = {"single": (split, COLUMNS["single"])}
@@ -104,7 +104,7 @@ def evaluate_generation(model, tokenizer, *, split: str = "val", n: int = 50, gu
             from polymodal.eval.world_features import world_frechet_distance
 
             fake = torch.cat(generated)
-            real = pixels_from_uint8(np.stack([scene.render(fake.shape[-1]) for _, scene in pairs]))
+            real = scene_pixels([scene for _, scene in pairs], fake.shape[-1])
             metrics[f"{column}/wfd"] = world_frechet_distance(fake, real)
     return metrics
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from polymodal.errors import UsageError
@@ -15,11 +14,11 @@ BATCH = 16
 def world_pixels(split: str, n: int, size: int, num_objects: tuple[int, int] = (1, 3),
                  background: str = "plain") -> torch.Tensor:
     """The first n scenes of a world split as pixels (n, 3, size, size) in [-1, 1]."""
-    from polymodal.data.dual_encoder import pixels_from_uint8
+    from polymodal.data.dual_encoder import scene_pixels
     from polymodal.data.world import World
 
     world = World(split, image_size=size, num_objects=num_objects, background=background)
-    return pixels_from_uint8(np.stack([scene.render() for scene in world.scenes(n)]))
+    return scene_pixels(world.scenes(n))
 
 
 @torch.no_grad()

@@ -62,10 +62,10 @@ def cell_labels(scenes) -> dict[str, torch.Tensor]:
 
 
 def _batch(world, index: int, batch: int):
-    from polymodal.data.dual_encoder import pixels_from_uint8
+    from polymodal.data.dual_encoder import scene_pixels
 
     scenes = list(world.scenes(batch, start=index * batch))
-    return pixels_from_uint8(np.stack([s.render() for s in scenes])), cell_labels(scenes)
+    return scene_pixels(scenes), cell_labels(scenes)
 
 
 def train_world_feature_net(image_size: int, steps: int = TRAIN_STEPS, seed: int = 0) -> WorldFeatureNet:

@@ -99,10 +99,10 @@ class DiffusionConfig:
 
     def _check_conditioning(self, owner: str) -> None:
         if self.conditioning == "class":
-            classes = self.dit.num_classes if self.denoiser == "dit" else (self.unet.num_class_embeds or 0)
+            classes = self.num_classes
             if classes < 1:
                 raise ConfigError(f"{owner}: conditioning 'class' needs class labels in the denoiser "
-                                  f"({'dit.num_classes' if self.denoiser == 'dit' else 'unet.num_class_embeds'} >= 1)")
+                                  f"({self.class_field} >= 1)")
             if self.class_names and len(self.class_names) != classes:
                 raise ConfigError(f"{owner}.class_names has {len(self.class_names)} names for {classes} classes")
         if self.conditioning == "text":
@@ -113,6 +113,16 @@ class DiffusionConfig:
             if self.denoiser == "unet" and self.unet.cross_attention_dim != width:
                 raise ConfigError(f"{owner}: unet.cross_attention_dim ({self.unet.cross_attention_dim}) must equal "
                                   f"text.hidden_size ({width})")
+
+    @property
+    def num_classes(self) -> int:
+        """Class labels the denoiser takes (0: none); id `num_classes` is the null class."""
+        return self.dit.num_classes if self.denoiser == "dit" else int(self.unet.num_class_embeds or 0)
+
+    @property
+    def class_field(self) -> str:
+        """The config key that sets `num_classes`, for messages."""
+        return "dit.num_classes" if self.denoiser == "dit" else "unet.num_class_embeds"
 
     @property
     def denoiser_config(self) -> DiTConfig | UNetConfig:
@@ -187,8 +197,7 @@ class DiffusionModel(nn.Module):
     @property
     def null_class(self) -> int:
         """The class id that stands for "no class" (classifier-free guidance): one past the last."""
-        c = self.config
-        return c.dit.num_classes if c.denoiser == "dit" else int(c.unet.num_class_embeds or 0)
+        return self.config.num_classes
 
     def to_pixels(self, samples: torch.Tensor) -> torch.Tensor:
         """Samples of the process -> pixels (B, 3, H, W) in [-1, 1] (the identity in pixel space)."""

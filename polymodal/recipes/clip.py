@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from polymodal.atomic import write_text_atomic
-from polymodal.data.dual_encoder import PairBatches, pixels_from_uint8, tokenize_captions
+from polymodal.data.dual_encoder import PairBatches, scene_pixels, tokenize_captions
 from polymodal.data.sources import CLASS_TEMPLATES, IMAGE_TEXT_SOURCES, Mixture, SourceConfig, image_text_items
 from polymodal.data.world.text import captions_of, check_caption_styles
 from polymodal.errors import ConfigError
@@ -132,7 +132,7 @@ class WorldPairs:
             templates = captions_of(scene, [self.styles[int(rng.integers(len(self.styles)))]])
             texts.append(templates[int(rng.integers(len(templates)))])
         input_ids, mask = tokenize_captions(self.tokenizer, texts, self.max_tokens, self.special_tokens)
-        pixels = pixels_from_uint8(np.stack([s.render() for s in scenes]))
+        pixels = scene_pixels(scenes)
         return {"pixel_values": pixels, "input_ids": input_ids, "attention_mask": mask}
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from polymodal.atomic import write_text_atomic
-from polymodal.data.dual_encoder import pixels_from_uint8
+from polymodal.data.dual_encoder import scene_pixels
 from polymodal.data.world.objects import COLORS, SHAPES
 from polymodal.data.world.text import captions_of, check_caption_styles
 from polymodal.errors import ConfigError
@@ -135,11 +135,11 @@ class WorldImages:
         d = self.data
         rng = np.random.default_rng([index, 11])  # captions and dropped conditions: a function of the index
         scenes = list(self.world.scenes(d.batch_size, start=index * d.batch_size))
-        batch = {"pixels": pixels_from_uint8(np.stack([s.render() for s in scenes]))}
+        batch = {"pixels": scene_pixels(scenes)}
         dropped = rng.random(len(scenes)) < d.condition_dropout
         if self.model.conditioning == "class":
             labels = [WORLD_CLASS_NAMES.index(f"{s.objects[0].color} {s.objects[0].shape}") for s in scenes]
-            null = self.model.dit.num_classes if self.model.denoiser == "dit" else self.model.unet.num_class_embeds
+            null = self.model.num_classes  # the null class id
             batch["class_labels"] = torch.tensor([null if drop else label for label, drop in zip(labels, dropped)])
         elif self.model.conditioning == "text":
             texts = []
@@ -171,11 +171,9 @@ def _prepare(config: DiffusionRecipeConfig):
     model_config = config.model
     tokenizer = None
     if model_config.conditioning == "class":
-        classes = model_config.dit.num_classes if model_config.denoiser == "dit" else model_config.unet.num_class_embeds
-        if classes != len(WORLD_CLASS_NAMES):
+        if model_config.num_classes != len(WORLD_CLASS_NAMES):
             raise ConfigError(f"model: the world has {len(WORLD_CLASS_NAMES)} (color, shape) classes; set "
-                              f"{'dit.num_classes' if model_config.denoiser == 'dit' else 'unet.num_class_embeds'}"
-                              f" to {len(WORLD_CLASS_NAMES)}")
+                              f"{model_config.class_field} to {len(WORLD_CLASS_NAMES)}")
         model_config.class_names = list(WORLD_CLASS_NAMES)
     elif model_config.conditioning == "text":
         from polymodal.data.world import world_tokenizer

@@ -11,11 +11,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from polymodal.atomic import write_text_atomic
-from polymodal.data.dual_encoder import pixels_from_uint8
+from polymodal.data.dual_encoder import scene_pixels
 from polymodal.errors import ConfigError
 from polymodal.generators.vae import AutoencoderKL, VAEConfig
 from polymodal.generators.vae_losses import VAELossConfig, VAEObjective
@@ -62,7 +61,7 @@ class VAERecipeConfig:
         if self.eval_n < 0:
             raise ConfigError(f"eval_n must be >= 0, got {self.eval_n}")
         size = self.data.image_size or self.model.sample_size
-        factor = 2 ** (len(self.model.block_out_channels) - 1)
+        factor = self.model.downsample_factor
         if size % factor:
             raise ConfigError(f"data.image_size {size} is not a multiple of the autoencoder's factor {factor}")
 
@@ -79,7 +78,7 @@ class WorldScenes:
 
     def __call__(self, index: int) -> torch.Tensor:
         scenes = self.world.scenes(self.batch_size, start=index * self.batch_size)
-        return pixels_from_uint8(np.stack([scene.render() for scene in scenes]))
+        return scene_pixels(scenes)
 
 
 def vae_job(config: VAERecipeConfig) -> TrainingJob:

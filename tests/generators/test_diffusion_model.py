@@ -12,7 +12,12 @@ from polymodal.checkpoint import save_checkpoint
 from polymodal.errors import CheckpointError, ConfigError, UsageError
 from polymodal.generators.dit import dit_tiny
 from polymodal.generators.vae import vae_tiny
-from polymodal.infer.images import PromptTruncatedWarning, generate_images, generate_tensors, prompt_tokens
+from polymodal.infer.images import (
+    PromptTruncatedWarning,
+    generate_images,
+    generate_tensors,
+    prompt_tokens,
+)
 from polymodal.models.diffusion import (
     DiffusionConfig,
     DiffusionModel,
@@ -20,7 +25,6 @@ from polymodal.models.diffusion import (
     ProcessConfig,
     diffusion_tiny,
 )
-
 
 
 def _class_model(**overrides) -> DiffusionModel:

@@ -2,6 +2,7 @@
 only), the forward process formulas, the timestep conventions and the bad-argument errors."""
 import math
 
+import diffusers
 import pytest
 import torch
 
@@ -17,9 +18,6 @@ from polymodal.generators.diffusion import (
     sample,
     x0_and_noise,
 )
-
-diffusers = pytest.importorskip("diffusers")
-
 
 SCHEDULES = [  # (ours, diffusers' name, beta_start, beta_end)
     ("linear", "linear", 1e-4, 0.02),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import diffusers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,8 +19,6 @@ from polymodal.interop.diffusers_dit import (
     dit_state_to_diffusers,
 )
 from polymodal.interop.safetensors_io import DIFFUSERS_STEM, HFWeights, write_hf_weights
-
-diffusers = pytest.importorskip("diffusers")
 
 
 def _randomise(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> None:

@@ -25,7 +25,6 @@ from polymodal.train.loop import TrainConfig, train
 from polymodal.train.optim import Optimization
 
 
-
 def _images(seed: int, shape=(3, 3, 32, 32)) -> torch.Tensor:
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
@@ -48,7 +47,8 @@ def test_ssim_closed_forms():
 
 
 def test_ssim_matches_skimage():
-    metrics = pytest.importorskip("skimage.metrics")
+    from skimage import metrics
+
     a = _images(3)
     b = (a + 0.2 * _images(4) - 0.1).clamp(0, 1)
     b[1] = a[1].flip(-1)  # a structurally different pair too

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import diffusers
 import pytest
 import torch
 from interop_parity import randomize_
@@ -13,8 +14,6 @@ from polymodal.api import load
 from polymodal.cli import main
 from polymodal.errors import CheckpointError, UsageError
 from polymodal.infer.images import generate_images, generate_tensors
-
-diffusers = pytest.importorskip("diffusers")  # a test extra: `.ci/run` installs it, so CI always runs these
 
 TOL = 1e-4
 

@@ -84,13 +84,34 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(kv_in, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=out_bias)
 
+    def _plain_projections(self) -> bool:
+        """True when q/k/v are plain `nn.Linear` layers (no LoRA or other wrapper to honour)."""
+        return type(self.q_proj) is type(self.k_proj) is type(self.v_proj) is nn.Linear
+
+    def _fused_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (B, T, heads * head_dim each) of self-attention from one matmul.
+
+        One GEMM against the stacked weights runs faster than three thin ones on CPU (about 5%
+        of a DiT training step); the weights stay three layers, so checkpoints and LoRA see the
+        usual q_proj / k_proj / v_proj.
+        """
+        layers = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([layer.weight for layer in layers])
+        bias = None if self.q_proj.bias is None else torch.cat([layer.bias for layer in layers])
+        sizes = [layer.out_features for layer in layers]
+        return F.linear(x, weight, bias).split(sizes, dim=-1)
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, rope=None, mask=None,
                 kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
         b, t, _ = x.shape
         source = x if context is None else context
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(source).view(b, source.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(source).view(b, source.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if context is None and self._plain_projections():
+            q, k, v = self._fused_qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(source), self.v_proj(source)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(b, source.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, source.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -1,4 +1,5 @@
-"""A decoder-only language model compatible with Llama, Mistral, Qwen2 and SmolLM checkpoints.
+"""A decoder-only language model compatible with Llama, Mistral, Qwen2 and SmolLM checkpoints,
+and with Chameleon's LM (`qk_norm="head_layernorm"`).
 
 The same module serves three call styles:
 - HF style: `model(input_ids)` on plain (B, T) ids (optionally with a (B, T) padding
@@ -27,6 +28,7 @@ from polymodal.bounds import (
     check_token_id,
 )
 from polymodal.errors import ConfigError
+from polymodal.nn.attention import QK_NORMS
 from polymodal.nn.init import init_weights
 from polymodal.nn.kv_cache import KVCache
 from polymodal.nn.norms import RMSNorm
@@ -56,6 +58,8 @@ class DecoderConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # Per-head query/key norm before RoPE: None, or "head_layernorm" (Chameleon; see polymodal.nn.norms).
+    qk_norm: str | None = None
 
     @property
     def resolved_head_dim(self) -> int:
@@ -90,6 +94,8 @@ class DecoderConfig:
                 check_token_id(owner, f"eos_token_id[{i}]", token, self.vocab_size)
         else:
             check_token_id(owner, "eos_token_id", self.eos_token_id, self.vocab_size)
+        if self.qk_norm is not None and self.qk_norm not in QK_NORMS:
+            raise ConfigError(f"{owner}.qk_norm must be null or one of {list(QK_NORMS)}, got {self.qk_norm!r}")
 
 
 # The keys each `rope_scaling` type reads (see `polymodal.nn.rope.rope_inv_freq`), besides its type.
@@ -149,7 +155,7 @@ class DecoderLM(nn.Module):
         self.layers = TransformerStack([
             build_block(c.hidden_size, c.num_heads, c.intermediate_size, num_kv_heads=c.num_kv_heads,
                         head_dim=c.resolved_head_dim, norm="rms", norm_eps=c.rms_norm_eps, mlp="swiglu",
-                        qkv_bias=c.attention_bias, mlp_bias=c.mlp_bias)
+                        qkv_bias=c.attention_bias, mlp_bias=c.mlp_bias, qk_norm=c.qk_norm)
             for _ in range(c.num_layers)
         ])
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)

@@ -18,7 +18,7 @@ reported as an error rather than masked wrongly.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -86,8 +86,9 @@ def _pieces(text: str, cuts: list[tuple[int, int]]) -> list[tuple[str, bool]]:
     return out
 
 
-def conversation_document(tokenizer, messages: list[dict], images: list[torch.Tensor], image_token_id: int,
-                          image_tokens: int, train_on: str = "assistant") -> Document:
+def conversation_document(tokenizer, messages: list[dict], images: list, image_token_id: int,
+                          image_tokens: int, train_on: str = "assistant",
+                          image_segment: Callable[[object, bool], Segment] | None = None) -> Document:
     """A chat with images as one `Document` for `pack_documents` / `MultimodalLM`.
 
     messages: [{"role": "system"|"user"|"assistant", "content": str}]; each "<image>" in the
@@ -96,6 +97,10 @@ def conversation_document(tokenizer, messages: list[dict], images: list[torch.Te
     Each image becomes Segment("image", tokens=[image_token_id] * image_tokens, data=pixels,
     target=None). train_on: "assistant" makes the assistant turns' content and their
     end-of-turn token the next-token targets; "all" every text token.
+    image_segment(image, trained): builds an image's segment instead, for models that read images
+        as tokens (`unified`: the image's code span, a next-token target when `trained`, i.e. when
+        it lies in a trained span, as an assistant's drawn image does); `images` are then whatever
+        it takes.
     """
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
@@ -111,7 +116,9 @@ def conversation_document(tokenizer, messages: list[dict], images: list[torch.Te
     for piece, in_span in _pieces(full, spans):
         target = NEXT_TOKEN if in_span or train_on == "all" else None
         for j, chunk in enumerate(piece.split(IMAGE_MARKER)):
-            if j:
+            if j and image_segment is not None:
+                segments.append(image_segment(next(image_iter), target == NEXT_TOKEN))
+            elif j:
                 pixels = next(image_iter)
                 if not torch.is_tensor(pixels) or pixels.dim() != 3:
                     raise ValueError(f"images must be (3, H, W) tensors, got {getattr(pixels, 'shape', type(pixels))}")

@@ -47,16 +47,17 @@ RECONSTRUCTION_LOSSES = ("l1", "l2")
 
 
 @dataclass
-class VAELossConfig:
-    """Weights of the autoencoder objective (see the module docstring).
+class AdversarialLossConfig:
+    """What both autoencoder objectives share (this one's and the image tokenizer's).
 
     reconstruction: "l1" or "l2" (mean squared error). disc_start: optimizer steps before the
     adversarial term starts; None builds no discriminator. adaptive_disc_weight: scale the
     adversarial term by VQGAN's gradient-norm ratio (needs the unsharded decoder's last layer).
+    disc_channels / disc_layers: the `PatchDiscriminator`; generator_optimizer /
+    discriminator_optimizer: the names of the two optimizers the objective's losses go to.
     """
 
     reconstruction: str = "l1"
-    kl_weight: float = 1e-6
     disc_start: int | None = None
     disc_weight: float = 0.5
     adaptive_disc_weight: bool = True
@@ -66,11 +67,10 @@ class VAELossConfig:
     discriminator_optimizer: str = "discriminator"
 
     def __post_init__(self) -> None:
-        owner = "VAELossConfig"
+        owner = type(self).__name__
         if self.reconstruction not in RECONSTRUCTION_LOSSES:
             raise ConfigError(f"{owner}.reconstruction must be one of {list(RECONSTRUCTION_LOSSES)}, "
                               f"got {self.reconstruction!r}")
-        check_float(owner, "kl_weight", self.kl_weight, 0, math.inf)
         if self.disc_start is not None:
             check_int(owner, "disc_start", self.disc_start, 0, MAX_STEPS)
         check_float(owner, "disc_weight", self.disc_weight, 0, math.inf)
@@ -79,6 +79,18 @@ class VAELossConfig:
         if self.generator_optimizer == self.discriminator_optimizer:
             raise ConfigError(f"{owner}.discriminator_optimizer must differ from generator_optimizer "
                               f"({self.generator_optimizer!r})")
+
+
+@dataclass
+class VAELossConfig(AdversarialLossConfig):
+    """Weights of the autoencoder objective (see the module docstring): kl_weight, plus the
+    reconstruction and discriminator settings of `AdversarialLossConfig`."""
+
+    kl_weight: float = 1e-6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_float(type(self).__name__, "kl_weight", self.kl_weight, 0, math.inf)
 
 
 def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> torch.Tensor:
@@ -150,12 +162,13 @@ def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: 
     return (rec_grad.norm() / (adv_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
-def _pixels_of(batch: Any) -> torch.Tensor:
+def pixels_of(batch: Any) -> torch.Tensor:
+    """The pixels (B, C, H, W) of an autoencoder batch: the tensor itself or its "pixel_values"."""
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, Mapping) and "pixel_values" in batch:
         return batch["pixel_values"]
-    raise UsageError("the VAE objective takes a batch of pixels (B, C, H, W) or {'pixel_values': pixels}, "
+    raise UsageError("an autoencoder objective takes a batch of pixels (B, C, H, W) or {'pixel_values': pixels}, "
                      f"got {type(batch).__name__}")
 
 
@@ -187,12 +200,17 @@ class VAEObjective(nn.Module):
         """A `train` callback: record the optimizer steps completed (`context.step`)."""
         self.steps_done.fill_(context.step)
 
+    def base_loss(self, out: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction term, the loss before the adversarial term) of a model output: here
+        reconstruction + kl_weight * KL; the image tokenizer's objective puts its quantizer loss here."""
+        return _rec_kl(out, pixels, self.config)
+
     def forward(self, model: nn.Module, batch: Any) -> torch.Tensor | dict[str, torch.Tensor]:
         """The loss (or the loss per optimizer) of one batch; see the class docstring."""
         c = self.config
-        pixels = _pixels_of(batch)
+        pixels = pixels_of(batch)
         out = model(pixels)
-        rec, loss = _rec_kl(out, pixels, c)
+        rec, loss = self.base_loss(out, pixels)
         if self.discriminator is None:
             return loss
         if int(self.steps_done) < c.disc_start:
@@ -212,7 +230,7 @@ class VAEObjective(nn.Module):
 def vae_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """The default objective without a discriminator: mean L1 + 1e-6 * mean KL -> scalar. batch as
     for `VAEObjective`; the registry's objective for the autoencoder family."""
-    pixels = _pixels_of(batch)
+    pixels = pixels_of(batch)
     return _rec_kl(model(pixels), pixels, VAELossConfig())[1]
 
 

@@ -40,8 +40,9 @@ class ChatPrompt:
 
 
 def is_multimodal(model) -> bool:
-    """Whether `model` reads images (it has `<image>` slots and a vision tower)."""
-    return hasattr(model, "image_tokens") and hasattr(model, "encode_images")
+    """Whether `model` reads images: it has `<image>` slots (`image_tokens` positions per image)
+    that its `embed(ids, pixels)` fills, from a vision tower or an image tokenizer."""
+    return hasattr(model, "image_tokens") and hasattr(model, "embed")
 
 
 def default_processor(model) -> ImageProcessor | None:

@@ -80,7 +80,9 @@ def generate(model, input_ids, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, 
     use_cache: False recomputes the full sequence each step (the oracle for the cached path).
     inputs_embeds (B, T, D) + attention_mask (B, T): prefill from embeddings (multimodal prompts);
         input_ids then only supply the batch size.
-    suppress_tokens: ids never generated (e.g. an `<image>` placeholder, which a reply cannot fill).
+    suppress_tokens: ids never generated (e.g. an `<image>` placeholder, which a reply cannot fill);
+        default: the model's `generation_suppressed_tokens()` when it has one (a unified model's
+        image codes, which a text reply never holds).
     prefill_inputs: extra keyword arguments of the prompt's forward (e.g. a multimodal model's `image_mask`).
     truncate: a prompt longer than the model's context keeps its last tokens (with a warning)
         instead of raising `UsageError`; see `polymodal.infer.limits`. A row whose reply would run
@@ -89,6 +91,8 @@ def generate(model, input_ids, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, 
     max_new_tokens, seed).
     """
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if not suppress_tokens and hasattr(model, "generation_suppressed_tokens"):
+        suppress_tokens = model.generation_suppressed_tokens()
     if stop_strings and tokenizer is None:
         raise UsageError("stop_strings need a tokenizer to decode the continuation")
     device = next(model.parameters()).device

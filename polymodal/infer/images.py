@@ -105,6 +105,9 @@ def generate_tensors(model, prompts: Sequence[str | int], tokenizer=None, *, n: 
     with `seed` before any batch runs, and each batch's sampler noise from its own generator
     seeded with (seed, batch index): same seed and batch_size, same images.
     """
+    if hasattr(model, "generate_image_tensors"):  # a model that draws its own way (a unified token model)
+        return model.generate_image_tensors(prompts, tokenizer, n=n, seed=seed, steps=steps, sampler=sampler,
+                                            guidance=guidance, size=size, batch_size=batch_size, progress=progress)
     c = model.config
     steps = c.steps if steps is None else steps
     guidance = c.guidance if guidance is None else guidance

@@ -15,7 +15,7 @@ from polymodal.interop.namemap import NameMap, renamer, shapes_of, state_from_fo
 
 LM_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # DecoderConfig fields whose config.json key differs (for error messages).
-_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads"}
+HF_DECODER_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads"}
 
 # HF module paths <-> DecoderLM's (see polymodal.backbones.decoder and polymodal.nn.transformer).
 HF_LM_NAMES = NameMap([
@@ -36,7 +36,7 @@ _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 _SUPPORTED_ROPE = ("default", "linear", "llama3")
 
 
-def _rope_from_hf(cfg: dict, source: str) -> tuple[float, dict | None]:
+def rope_from_hf(cfg: dict, source: str) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling or None) from either config generation."""
     params = cfg.get("rope_parameters")
     if isinstance(params, dict) and "rope_theta" in params:
@@ -77,32 +77,43 @@ def decoder_config_from_hf(cfg: dict, source: str = "config.json") -> DecoderCon
     if model_type == "llama" and cfg.get("attention_bias", False):
         raise ValueError(f"{source}: Llama attention_bias=true (a biased o_proj) is not supported")
     _check_sliding_window(cfg, model_type, source)
-    theta, scaling = _rope_from_hf(cfg, source)
-    heads = cfg["num_attention_heads"]
     return build_config(DecoderConfig, dict(
+        **llama_fields(cfg, source),
+        head_dim=cfg.get("head_dim") or None,
+        attention_bias=model_type == "qwen2",
+        mlp_bias=bool(cfg.get("mlp_bias", False)) if model_type == "llama" else False,
+    ), source, HF_DECODER_KEYS)
+
+
+def llama_fields(cfg: dict, source: str) -> dict:
+    """The `DecoderConfig` fields every Llama-layout HF config names the same way (sizes, norm eps,
+    RoPE, positions, tied head, special ids), with Llama's defaults for keys left out."""
+    theta, scaling = rope_from_hf(cfg, source)
+    heads = cfg["num_attention_heads"]
+    return dict(
         vocab_size=cfg["vocab_size"],
         hidden_size=cfg["hidden_size"],
         intermediate_size=cfg["intermediate_size"],
         num_layers=cfg["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or None,
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=model_type == "qwen2",
-        mlp_bias=bool(cfg.get("mlp_bias", False)) if model_type == "llama" else False,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
         pad_token_id=cfg.get("pad_token_id"),
-    ), source, _KEYS)
+    )
 
 
 def hf_config_from_decoder(config: DecoderConfig) -> dict:
     """An HF config.json dict for `config`: LlamaForCausalLM, or Qwen2ForCausalLM when attention_bias."""
     c = config
+    if c.qk_norm is not None:
+        raise ValueError(f"DecoderConfig.qk_norm={c.qk_norm!r} (Chameleon's per-head q/k norms) has no Llama / Qwen2 "
+                         "equivalent; this model cannot be exported to those layouts")
     if c.attention_bias and c.mlp_bias:
         raise ValueError("DecoderConfig: attention_bias with mlp_bias has no HF architecture (Qwen2 has no mlp_bias)")
     qwen2 = c.attention_bias

@@ -191,6 +191,8 @@ BUILTIN_FAMILY_MODULES = (
     "polymodal.models.mmllm",
     "polymodal.models.vae",
     "polymodal.models.diffusion",
+    "polymodal.models.image_vq",
+    "polymodal.models.unified",
 )
 
 

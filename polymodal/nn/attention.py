@@ -13,8 +13,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from polymodal.nn.kv_cache import KVCache
+from polymodal.nn.norms import HeadLayerNorm
 from polymodal.nn.rope import apply_rotary
 from polymodal.sequence import DocumentSpans
+
+# Kinds of per-head query/key normalisation `Attention` can apply (None: none).
+QK_NORMS = ("head_layernorm",)
 
 
 def _is_block_mask(mask) -> bool:
@@ -52,27 +56,49 @@ def _attend_spans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: Docu
     if q.shape[2] != spans.length or k.shape[2] != spans.length:
         raise ValueError(f"DocumentSpans cover rows of {spans.length} positions; got queries of {q.shape[2]} and "
                          f"keys of {k.shape[2]} (spans serve packed self-attention without a KV cache)")
-    out = q.new_zeros(q.shape)
+    rows, heads, length, head_dim = q.shape
+    # The rows laid end to end, cut into documents and the padding between them. One `split` makes
+    # the pieces and one `cat` joins the outputs: their backward passes are one cat and one split.
+    # Indexing each span instead would write every span's gradient into a zero tensor of the full
+    # (R, H, L, D) size, which made the backward quadratic in the documents per batch.
+    pieces: list[tuple[int, bool]] = []  # (size, is a document)
+    cursor = 0
     for row, start, end in spans.spans:
-        span = slice(start, end)
-        out[row, :, span] = F.scaled_dot_product_attention(
-            q[row:row + 1, :, span], k[row:row + 1, :, span], v[row:row + 1, :, span], is_causal=True, scale=scale,
-            enable_gqa=gqa)[0]
-    return out
+        begin = row * length + start
+        if begin > cursor:
+            pieces.append((begin - cursor, False))
+        pieces.append((end - start, True))
+        cursor = row * length + end
+    if cursor < rows * length:
+        pieces.append((rows * length - cursor, False))
+    sizes = [size for size, _ in pieces]
+
+    def flat(t: torch.Tensor) -> tuple[torch.Tensor, ...]:  # (R, H, L, D) -> pieces of (1, H, n, D)
+        return t.transpose(0, 1).reshape(1, t.shape[1], rows * length, head_dim).split(sizes, dim=2)
+
+    outs = [F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=gqa) if real
+            else qi.new_zeros(qi.shape)
+            for (_, real), qi, ki, vi in zip(pieces, flat(q), flat(k), flat(v))]
+    return torch.cat(outs, dim=2).view(heads, rows, length, head_dim).transpose(0, 1)  # (R, H, L, D)
 
 
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads; self-attention or cross-attention.
 
     dim: model width; num_heads query heads and num_kv_heads key/value heads of head_dim each;
-    kv_dim: width of the cross-attention context (None = self-attention on x).
+    kv_dim: width of the cross-attention context (None = self-attention on x);
+    qk_norm: None, or "head_layernorm" to normalise each query and key head after the
+    projection and before RoPE (`HeadLayerNorm`, Chameleon's QK-norm; modules `q_norm`, `k_norm`).
     forward(x (B, T, dim), context (B, S, kv_dim) | None, rope (cos, sin) | None, mask, kv_cache,
     layer_idx) -> (B, T, dim).
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None,
-                 qkv_bias: bool = False, out_bias: bool = False, kv_dim: int | None = None):
+                 qkv_bias: bool = False, out_bias: bool = False, kv_dim: int | None = None,
+                 qk_norm: str | None = None):
         super().__init__()
+        if qk_norm is not None and qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm must be None or one of {list(QK_NORMS)}, got {qk_norm!r}")
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
         if num_heads % self.num_kv_heads:
@@ -83,6 +109,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(kv_in, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(kv_in, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=out_bias)
+        # None registers nothing, so models without QK-norm keep their parameters and state dict.
+        self.q_norm = HeadLayerNorm(num_heads, self.head_dim) if qk_norm else None
+        self.k_norm = HeadLayerNorm(self.num_kv_heads, self.head_dim) if qk_norm else None
 
     def _plain_projections(self) -> bool:
         """True when q/k/v are plain `nn.Linear` layers (no LoRA or other wrapper to honour)."""
@@ -109,8 +138,11 @@ class Attention(nn.Module):
             q, k, v = self._fused_qkv(x)
         else:
             q, k, v = self.q_proj(x), self.k_proj(source), self.v_proj(source)
-        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(b, source.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(b, t, self.num_heads, self.head_dim)  # (B, T, H, D)
+        k = k.view(b, source.shape[1], self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # before RoPE and the cache: cached keys are stored normalised
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
         v = v.view(b, source.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             cos, sin = rope

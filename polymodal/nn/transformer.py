@@ -61,10 +61,12 @@ class TransformerStack(nn.Module):
 def build_block(dim: int, num_heads: int, mlp_hidden: int, *, num_kv_heads: int | None = None,
                 head_dim: int | None = None, norm: str = "rms", norm_eps: float = 1e-6, mlp: str = "swiglu",
                 act: str = "gelu", qkv_bias: bool = False, out_bias: bool = False, mlp_bias: bool = False,
-                cross_dim: int | None = None) -> TransformerBlock:
+                cross_dim: int | None = None, qk_norm: str | None = None) -> TransformerBlock:
     """Wire one block. mlp: "swiglu" (Llama) or "gelu" (ViT, activation `act`); norm: "rms" | "layer";
-    cross_dim: width of a cross-attention context (adds a cross-attention sub-layer)."""
-    attn = Attention(dim, num_heads, num_kv_heads, head_dim, qkv_bias=qkv_bias, out_bias=out_bias)
+    cross_dim: width of a cross-attention context (adds a cross-attention sub-layer);
+    qk_norm: per-head query/key norm of the self-attention (see `Attention`), None for none."""
+    attn = Attention(dim, num_heads, num_kv_heads, head_dim, qkv_bias=qkv_bias, out_bias=out_bias,
+                     qk_norm=qk_norm)
     ffn = SwiGLU(dim, mlp_hidden, bias=mlp_bias) if mlp == "swiglu" else GeluMLP(dim, mlp_hidden, act, bias=mlp_bias)
     cross = cross_norm = None
     if cross_dim is not None:

@@ -37,7 +37,7 @@ class VAEDataConfig:
 
     def __post_init__(self) -> None:
         if self.source != "world":
-            raise ConfigError(f"data.source: the vae recipe trains on the shapes world, got {self.source!r}")
+            raise ConfigError(f"data.source: the autoencoder recipes (vae, image_vq) train on the shapes world, got {self.source!r}")
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
 
@@ -81,6 +81,22 @@ class WorldScenes:
         return scene_pixels(scenes)
 
 
+def autoencoder_optimizers(objective: VAEObjective):
+    """`train`'s optimizers for an autoencoder objective: None (the default AdamW) without a
+    discriminator; with one, the model's AdamW under `generator_optimizer` and an Adam for the
+    discriminator (betas 0.5, 0.9, as VQGAN) under `discriminator_optimizer`."""
+    if objective.discriminator is None:
+        return None
+    loss = objective.config
+
+    def optimizers(model, train_config):
+        found = default_optimization(model, train_config)
+        disc = torch.optim.Adam(objective.discriminator.parameters(), lr=train_config.lr, betas=(0.5, 0.9))
+        return {loss.generator_optimizer: found["model"], loss.discriminator_optimizer: Optimization(disc)}
+
+    return optimizers
+
+
 def vae_job(config: VAERecipeConfig) -> TrainingJob:
     """The `vae` recipe's training job (see the module docstring)."""
     model = AutoencoderKL(config.model)
@@ -88,13 +104,7 @@ def vae_job(config: VAERecipeConfig) -> TrainingJob:
     objective = VAEObjective(config.loss, in_channels=config.model.in_channels)
     print(f"training a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter autoencoder "
           f"(factor {model.downsample_factor}) on {size} px world scenes, batch {config.data.batch_size}")
-    optimizers = None
-    if objective.discriminator is not None:
-        def optimizers(vae, train_config):
-            found = default_optimization(vae, train_config)
-            disc = torch.optim.Adam(objective.discriminator.parameters(), lr=train_config.lr, betas=(0.5, 0.9))
-            return {config.loss.generator_optimizer: found["model"], config.loss.discriminator_optimizer:
-                    Optimization(disc)}
+    optimizers = autoencoder_optimizers(objective)
 
     def final_model() -> AutoencoderKL:
         if config.measure_scaling_factor:

@@ -93,11 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     from polymodal.eval.cli import add_cli as add_eval_cli
     from polymodal.infer.chat_cli import add_cli as add_chat_cli
     from polymodal.infer.images_cli import add_cli as add_generate_cli
+    from polymodal.serve.cli import add_cli as add_serve_cli
 
     add_world_cli(sub)
     add_eval_cli(sub)
     add_chat_cli(sub)
     add_generate_cli(sub)
+    add_serve_cli(sub)
     return parser
 
 

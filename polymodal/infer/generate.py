@@ -214,7 +214,7 @@ def _stream(model, tokenizer, prompt_ids: list[int], kwargs: dict) -> Iterator[s
             visible = cut_at_stop(raw, stops)
             stopped = len(visible) < len(raw) and any(s in raw for s in stops)
             # Hold back a tail that could still grow into a stop string.
-            ready = len(visible) if stopped else len(visible) - _partial_stop_len(visible, stops)
+            ready = len(visible) if stopped else len(visible) - partial_stop_len(visible, stops)
             if ready > sent:
                 yield visible[sent:ready]
                 sent = ready
@@ -237,7 +237,7 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[:cut]
 
 
-def _partial_stop_len(text: str, stop_strings: Sequence[str]) -> int:
+def partial_stop_len(text: str, stop_strings: Sequence[str]) -> int:
     """Length of the longest suffix of text that is a proper prefix of some stop string."""
     best = 0
     for stop in stop_strings:

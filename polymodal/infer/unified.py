@@ -124,6 +124,8 @@ def generate_image_codes(model, tokenizer, prompts: Sequence[str], *, n: int = 1
     Batches run in order from one generator seeded with `seed`: same seed and batch size, same codes.
     """
     _check_image_request(n, guidance, temperature, top_k, top_p, seed, batch_size)
+    if isinstance(prompts, str):
+        raise UsageError("prompts must be a list of strings (one image set per prompt), got a single string")
     if model.image_tokenizer.config.has_decoder is False:
         raise UsageError("this model's image tokenizer has no decoder (an imported Chameleon checkpoint carries the "
                          "encoder only): it reads images but cannot draw them")

@@ -77,6 +77,10 @@ class UnifiedConfig:
                                   f"codebook has {codes}")
             for i, token in enumerate(self.code_table):
                 check_token_id(owner, f"code_table[{i}]", token, vocab)
+            markers = {self.image_start_id, self.image_end_id, self.image_token_id}
+            if len(set(self.code_table)) != codes or markers & set(self.code_table):
+                raise ConfigError(f"{owner}.code_table must map each code to its own token id, apart from the "
+                                  f"image markers {sorted(markers)}")
         elif self.text_vocab_size + codes + self.row_end > vocab:
             raise ConfigError(f"{owner}: the LM's vocabulary ({vocab}) has no room for the image codebook: "
                               f"{self.text_vocab_size} text ids + {codes} codes"
@@ -240,6 +244,7 @@ class UnifiedModel(nn.Module):
     def with_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """ids (B, T) whose `<image>` placeholder runs (image_tokens each) become the images' spans,
         in order; pixel_values (N, 3, S, S) for the N runs."""
+        input_ids = input_ids.to(self.code_ids.device)
         placeholder = input_ids == self.config.image_token_id
         runs = int(placeholder.sum()) // self.image_tokens
         given = 0 if pixel_values is None else len(pixel_values)

@@ -57,6 +57,8 @@ def _attend_spans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: Docu
         raise ValueError(f"DocumentSpans cover rows of {spans.length} positions; got queries of {q.shape[2]} and "
                          f"keys of {k.shape[2]} (spans serve packed self-attention without a KV cache)")
     rows, heads, length, head_dim = q.shape
+    if spans.rows != rows:
+        raise ValueError(f"DocumentSpans cover {spans.rows} rows; got queries of {rows} rows")
     # The rows laid end to end, cut into documents and the padding between them. One `split` makes
     # the pieces and one `cat` joins the outputs: their backward passes are one cat and one split.
     # Indexing each span instead would write every span's gradient into a zero tensor of the full
@@ -65,6 +67,9 @@ def _attend_spans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: Docu
     cursor = 0
     for row, start, end in spans.spans:
         begin = row * length + start
+        if begin < cursor:
+            raise ValueError(f"DocumentSpans must be in row-major order without overlaps; span {(row, start, end)} "
+                             "starts before the previous one ends")
         if begin > cursor:
             pieces.append((begin - cursor, False))
         pieces.append((end - start, True))

@@ -18,6 +18,7 @@ SmolLM2: its text embeddings and head rows stay, and K code rows (+ the row end)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,10 +157,12 @@ def build_unified(config: UnifiedRecipeConfig) -> tuple[UnifiedModel, object]:
         lm, tokenizer = None, world_tokenizer()
     text_vocab = tokenizer.vocab_size
     vocab = text_vocab + image_tokenizer.codebook_size + int(config.row_end)
-    lm_config = lm.config if lm is not None else config.model
-    lm_config.vocab_size = vocab
-    if lm is None:
-        lm_config.eos_token_id = tokenizer.eos_token_id
+    if lm is not None and lm.embed_tokens.num_embeddings > vocab:
+        raise ConfigError(f"lm_from: the imported LM has {lm.embed_tokens.num_embeddings} embedding rows, more than "
+                          f"its {text_vocab} text ids + {image_tokenizer.codebook_size} codes + row end")
+    # A new config (re-validated), never the recipe's or the imported model's edited in place.
+    lm_config = dataclasses.replace(lm.config if lm is not None else config.model, vocab_size=vocab,
+                                    **({} if lm is not None else {"eos_token_id": tokenizer.eos_token_id}))
     model_config = UnifiedConfig(
         lm=lm_config, image_tokenizer=image_tokenizer.config, text_vocab_size=text_vocab,
         image_start_id=tokenizer.token_to_id("<|image_start|>"), image_end_id=tokenizer.token_to_id("<|image_end|>"),
@@ -167,6 +170,7 @@ def build_unified(config: UnifiedRecipeConfig) -> tuple[UnifiedModel, object]:
     model = UnifiedModel(model_config)
     if lm is not None:
         _resize_embeddings(lm, vocab)
+        lm.config = lm_config
         model.lm = lm
     model.image_tokenizer.load_state_dict(image_tokenizer.state_dict())
     model.image_tokenizer.requires_grad_(False)

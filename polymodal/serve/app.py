@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 
@@ -60,6 +60,21 @@ class Served:
     tasks: tuple[str, ...]
     image_side: int | None
     created: int
+    preparing: int = 0
+
+    async def prepare(self, fn, *args):
+        """Run request preparation (decoding images, tokenizing) in the thread pool, at most
+        `max_queue` requests at a time: past that a 429 answers before any image is decoded, so a
+        flood cannot hold more decoded pixels than the queue could ever admit."""
+        if self.preparing >= self.config.max_queue:
+            self.metrics.rejected.inc()
+            raise APIError(429, f"the server is busy: {self.preparing} requests are being prepared; retry shortly",
+                           None, "queue_full")
+        self.preparing += 1  # the event loop is one thread: no lock needed
+        try:
+            return await run_in_threadpool(fn, *args)
+        finally:
+            self.preparing -= 1
 
     def check_model(self, name: str, request: Request | None = None, user: str | None = None) -> None:
         """404 unless `name` is the served model's id; notes the model and the end user for the request log."""
@@ -80,6 +95,7 @@ class Served:
             raise APIError(503, str(err), None, "shutting_down") from err
 
     def deadline(self) -> float:
+        """The monotonic time by which a request submitted now must be answered (`--timeout`)."""
         return time.monotonic() + self.config.timeout_s
 
     def model_card(self) -> dict:
@@ -167,7 +183,7 @@ def add_routes(app: FastAPI, served: Served) -> None:
         served.check_model(body.model, request, body.user)
         work.require(served.model, "chat", "/v1/chat/completions")
         _check_n(body.n, served.config)
-        prompt = await run_in_threadpool(work.encode_chat_request, served.model, served.tokenizer, body, served.config)
+        prompt = await served.prepare(work.encode_chat_request, served.model, served.tokenizer, body, served.config)
         request.state.images = prompt.images or None
         jobs, queue = _text_jobs(served, body, [prompt])
         return await _answer(served, request, body, jobs, queue, len(prompt.ids), chat=True)
@@ -178,7 +194,7 @@ def add_routes(app: FastAPI, served: Served) -> None:
         work.require(served.model, "complete", "/v1/completions")
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         _check_n(body.n * len(texts), served.config)
-        prompts = [await run_in_threadpool(work.encode_completion_prompt, served.model, served.tokenizer, text,
+        prompts = [await served.prepare(work.encode_completion_prompt, served.model, served.tokenizer, text,
                                            body.max_tokens, served.config, "prompt" if len(texts) == 1 else
                                            f"prompt[{i}]") for i, text in enumerate(texts)]
         jobs, queue = _text_jobs(served, body, prompts)
@@ -188,7 +204,7 @@ def add_routes(app: FastAPI, served: Served) -> None:
     async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
         served.check_model(body.model, request, body.user)
         work.require(served.model, "embed", "/v1/embeddings")
-        items = await run_in_threadpool(work.embedding_inputs, body, served.config)
+        items = await served.prepare(work.embedding_inputs, body, served.config)
         job = CallJob(asyncio.get_running_loop(),
                       fn=lambda model, tokenizer: work.embed_items(model, tokenizer, items, body.dimensions))
         served.submit(job)
@@ -265,19 +281,20 @@ async def _sse(served: Served, request: Request, jobs, queue, choices: int, usag
                include_usage: bool):
     """The server-sent events of a streamed reply, ending with `data: [DONE]`."""
     ident, created, name = new_id("chatcmpl" if chat else "cmpl"), int(time.time()), served.config.model_name
-    if chat:
-        for index in range(choices):
-            yield sse(chat_chunk(ident, created, name, index, {"role": "assistant", "content": ""}, None))
     try:
-        async for event in stream_events(jobs, queue, choices, served.deadline()):
-            kind, index = event[0], event[1]
-            if kind == "delta":
-                yield sse(chat_chunk(ident, created, name, index, {"content": event[2]}, None) if chat else
-                          completion_chunk(ident, created, name, index, event[2], None))
-            elif kind == "done":
-                usage.completion_tokens += event[3]
-                yield sse(chat_chunk(ident, created, name, index, {}, event[2]) if chat else
-                          completion_chunk(ident, created, name, index, "", event[2]))
+        if chat:
+            for index in range(choices):
+                yield sse(chat_chunk(ident, created, name, index, {"role": "assistant", "content": ""}, None))
+        async with aclosing(stream_events(jobs, queue, choices, served.deadline())) as events:
+            async for event in events:
+                kind, index = event[0], event[1]
+                if kind == "delta":
+                    yield sse(chat_chunk(ident, created, name, index, {"content": event[2]}, None) if chat else
+                              completion_chunk(ident, created, name, index, event[2], None))
+                elif kind == "done":
+                    usage.completion_tokens += event[3]
+                    yield sse(chat_chunk(ident, created, name, index, {}, event[2]) if chat else
+                              completion_chunk(ident, created, name, index, "", event[2]))
         if include_usage:
             yield sse({"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
                        "created": created, "model": name, "choices": [], "usage": usage.json()})
@@ -285,6 +302,8 @@ async def _sse(served: Served, request: Request, jobs, queue, choices: int, usag
         request.state.error = err.message
         yield sse(error_body(err.status, err.message, err.param, err.code))
     finally:
+        for job in jobs:  # a client gone at any point frees its rows, whatever the stream reached
+            job.cancel()
         _count_completion(served, request, usage)
     yield sse("[DONE]")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -42,8 +43,10 @@ def add_cli(subparsers) -> None:
     p.add_argument("--host", default=DEFAULT_HOST,
                    help="address to listen on; the default answers this machine only (0.0.0.0: every interface)")
     p.add_argument("--port", type=_int_at_least(0), default=DEFAULT_PORT, help="TCP port (0: any free port)")
-    p.add_argument("--api-key", default=None, metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on /v1 routes and /metrics; None = no key")
+    p.add_argument("--api-key", default=os.environ.get("POLYMODAL_API_KEY"), metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 routes and /metrics (default: the "
+                        "POLYMODAL_API_KEY environment variable, which keeps the key out of ps and shell history; "
+                        "unset = no key)")
     p.add_argument("--model-name", default=None, metavar="ID",
                    help="the model id clients send; None = the checkpoint's folder name")
     p.add_argument("--max-batch", type=_int_at_least(1), default=defaults.max_batch,

@@ -134,6 +134,7 @@ class Engine:
         with self._wake:
             if self._stopped:
                 raise EngineStopped("the server is shutting down")
+            self._pending = collections.deque(j for j in self._pending if not j.cancelled)  # gone clients free slots
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"{len(self._pending)} requests are already waiting (--max-queue {self.max_queue})")
             self._pending.append(job)

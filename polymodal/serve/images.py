@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image
 
-from polymodal.data.image import decode_image, load_image
+from polymodal.data.image import decode_image, load_image, resolve_under
 from polymodal.data.loading import DataError
 from polymodal.serve.errors import APIError
 
@@ -88,7 +88,11 @@ def _file_image(url: str, param: str, max_pixels: int, image_root: Path | None) 
     except ValueError:
         raise APIError(400, f"{param}: {path} is outside the server's --image-root", param,
                        "file_url_refused") from None
-    # load_image resolves under the root and refuses `..` and symlinks that leave it.
+    try:
+        resolve_under(image_root, relative)  # refuses `..` and symlinks that leave the root
+    except DataError:  # its message names server paths: answer with the client's own
+        raise APIError(400, f"{param}: {parsed.path} is outside the server's --image-root", param,
+                       "file_url_refused") from None
     return load_image(relative, root=image_root, max_pixels=max_pixels)
 
 

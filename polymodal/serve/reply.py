@@ -9,19 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from polymodal.infer.generate import cut_at_stop
+from polymodal.infer.generate import cut_at_stop, partial_stop_len
 from polymodal.tokenizers.streaming import IncrementalDecoder
-
-
-def held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of a stop sequence."""
-    best = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:n]):
-                best = n
-                break
-    return best
 
 
 class ReplyText:
@@ -52,7 +41,7 @@ class ReplyText:
     def _release(self, final: bool) -> tuple[str, bool]:
         visible = self.text
         stopped = len(visible) < len(self.raw)
-        ready = len(visible) if stopped or final else len(visible) - held_back(visible, self.stops)
+        ready = len(visible) if stopped or final else len(visible) - partial_stop_len(visible, self.stops)
         delta = visible[self.sent:ready] if ready > self.sent else ""
         self.sent = max(self.sent, ready)
         return delta, stopped

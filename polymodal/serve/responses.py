@@ -42,6 +42,7 @@ class Usage:
     completion_tokens: int = 0
 
     def json(self) -> dict:
+        """OpenAI's `usage` object, with the total."""
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
@@ -54,6 +55,7 @@ class Reply:
 
     @property
     def completion_tokens(self) -> int:
+        """Tokens generated over every choice."""
         return sum(choice.tokens for choice in self.choices)
 
 

@@ -121,6 +121,9 @@ class EmbeddingImage(Strict):
     image_url: ImageURL
 
 
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's cap on one embeddings request
+
+
 class EmbeddingRequest(Strict):
     """POST /v1/embeddings: texts (and, for image-text models, images) to embed."""
 
@@ -136,6 +139,8 @@ class EmbeddingRequest(Strict):
         items = [value] if isinstance(value, str) else value
         if not items:
             raise ValueError("give at least one input")
+        if len(items) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request (OpenAI's limit), got {len(items)}")
         return items
 
 

@@ -96,11 +96,17 @@ def encode_completion_prompt(model, tokenizer, text: str, max_tokens: int | None
     return Prompt(ids, None, fit_reply(model, len(ids), max_tokens, config, param))
 
 
+UNKNOWN_CONTEXT_MAX_TOKENS = 4096  # the reply cap when a model's config gives no max_position_embeddings
+
+
 def fit_reply(model, prompt_tokens: int, max_tokens: int | None, config: ServeConfig, param: str) -> int:
     """The reply length: max_tokens (default `config.default_max_tokens`, cut to the context left);
     400 when the prompt plus the asked max_tokens do not fit the model's context."""
     context = context_length(model)
-    if context is None:
+    if context is None:  # no context to bound the KV cache by: a client may not size it freely
+        if max_tokens is not None and max_tokens > UNKNOWN_CONTEXT_MAX_TOKENS:
+            raise APIError(400, f"max_tokens: at most {UNKNOWN_CONTEXT_MAX_TOKENS} for a model that does not state its "
+                           f"context length, got {max_tokens}", "max_tokens", "invalid_value")
         return max_tokens or config.default_max_tokens
     room = context - prompt_tokens
     if max_tokens is None:
@@ -226,7 +232,5 @@ def draw(model, tokenizer, prompt: str, n: int, seed: int | None, size: int | No
     try:
         return generate_images(model, [prompt], tokenizer, n=n, seed=secrets.randbits(31) if seed is None else seed,
                                size=size)
-    except (PolymodalError, ValueError, RuntimeError) as err:
-        if size is None and not isinstance(err, PolymodalError):
-            raise
+    except PolymodalError as err:  # a refused prompt or size; anything else is the server's 500
         raise APIError(400, str(err), "size" if size is not None else "prompt", "invalid_value") from err

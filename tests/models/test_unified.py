@@ -10,7 +10,7 @@ import torch
 from polymodal.errors import ConfigError, UsageError
 from polymodal.infer.generate import sample_next_token
 from polymodal.infer.unified import _CachedDecoder, draw_span
-from polymodal.models.unified import UnifiedConfig, UnifiedModel, unified_tiny
+from polymodal.models.unified import UnifiedModel, unified_tiny
 from polymodal.sequence import Document, Segment, pack_documents
 from polymodal.train.objectives import sequence_loss
 
@@ -151,6 +151,10 @@ def test_a_codebook_the_vocabulary_cannot_hold_is_refused():
         dataclasses.replace(c, lm=dataclasses.replace(c.lm, vocab_size=c.text_vocab_size + 3))
     with pytest.raises(ConfigError, match="code_table maps 2 codes"):
         dataclasses.replace(c, row_end=False, code_table=[50, 51])
+    with pytest.raises(ConfigError, match="its own token id"):  # two codes on one id would decode wrongly
+        dataclasses.replace(c, row_end=False, code_table=[40] * 2 + list(range(42, 42 + c.codebook_size - 2)))
+    with pytest.raises(ConfigError, match="its own token id"):  # a code on the start marker
+        dataclasses.replace(c, row_end=False, code_table=[c.image_start_id] + list(range(41, 40 + c.codebook_size)))
 
 
 def test_drawing_without_a_decoder_is_refused(model):

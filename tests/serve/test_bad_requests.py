@@ -92,9 +92,17 @@ def test_file_urls_are_read_under_the_image_root(keyed_server, checkpoints, scen
     scene.save(path)
     ok = httpx.post(keyed_server.url + "/v1/chat/completions", json=image_request(path.as_uri()), headers=AUTH)
     assert ok.status_code == 200, ok.text
-    escape = httpx.post(keyed_server.url + "/v1/chat/completions",
-                        json=image_request(f"file://{checkpoints['root']}/../../etc/passwd"), headers=AUTH)
-    assert escape.status_code == 400
+    # A readable image just outside the root: only the root check can refuse it.
+    outside = checkpoints["root"].parent / f"{checkpoints['root'].name}-outside.png"
+    scene.save(outside)
+    link = checkpoints["root"] / "link-out.png"
+    link.symlink_to(outside)
+    for url in (f"file://{checkpoints['root']}/../{outside.name}", link.as_uri()):
+        escape = httpx.post(keyed_server.url + "/v1/chat/completions", json=image_request(url), headers=AUTH)
+        error = escape.json()["error"]
+        assert escape.status_code == 400 and error["code"] == "file_url_refused", escape.text
+        assert "outside the server's --image-root" in error["message"]
+        assert "resolves to" not in error["message"]  # only the client's own path, not where it leads
 
 
 def test_open_routes_and_a_key_on_metrics(keyed_server):

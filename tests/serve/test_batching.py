@@ -96,14 +96,20 @@ def test_a_seeded_sample_does_not_depend_on_its_batch(slow_server):
     client = openai.OpenAI(base_url=slow_server.url + "/v1", api_key="-", max_retries=0)
     ask = dict(model="slow_lm", prompt="A small", max_tokens=12, temperature=0.9, top_p=0.95, seed=11)
     alone = client.completions.create(**ask).choices[0].text
-    crowd = [threading.Thread(target=client.completions.create,
-                              kwargs=dict(model="slow_lm", prompt="Other " * k, max_tokens=30, temperature=1.0))
-             for k in range(1, 4)]
+    answered = []
+
+    def other(k: int) -> None:
+        answered.append(client.completions.create(model="slow_lm", prompt="Other " * k, max_tokens=30,
+                                                  temperature=1.0).choices[0].text)
+
+    crowd = [threading.Thread(target=other, args=(k,)) for k in range(1, 4)]
     for t in crowd:
         t.start()
+    assert wait_for(lambda: httpx.get(slow_server.url + "/health").json()["batch_rows"] >= 2)  # the crowd is decoding
     together = client.completions.create(**ask).choices[0].text
     for t in crowd:
         t.join()
+    assert len(answered) == 3  # every crowd request was answered (an exception there would leave it out)
     assert together == alone
 
 

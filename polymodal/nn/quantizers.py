@@ -99,8 +99,9 @@ class VectorQuantizer(_TracksUsage):
         `embed_sum_ema` and fill `cluster_size_ema` with 1 as well.
     cosine: compare and return l2-normalised vectors (the loss is on the normalised vectors too).
     restart_after: when > 0, a code that no training forward selected `restart_after` times in a
-        row is moved onto a random vector of the current batch (torch's global RNG). The count
-        is the buffer `steps_unused` (K,).
+        row is moved onto a vector of the current batch drawn with probability proportional to
+        its squared quantization error (torch's global RNG), so dead codes go where the codebook
+        fits worst. The count is the buffer `steps_unused` (K,).
     eps: Laplace smoothing of the EMA cluster sizes, so that a code with no vectors does not
         divide by zero.
 
@@ -180,6 +181,7 @@ class VectorQuantizer(_TracksUsage):
         counts = _count_codes(codes, self.codebook_size)  # (K,)
         self.usage_counts += counts
         weight = self.embedding.weight
+        errors = (flat - self._vectors(codes)).pow(2).sum(1) if self.restart_after else None  # (N,), before updates
         if self.ema_decay is not None:
             # VQ-VAE-2 appendix: N_k <- d N_k + (1 - d) n_k,  m_k <- d m_k + (1 - d) sum_{i in k} z_i,
             # e_k = m_k / N_k with N_k Laplace-smoothed so empty clusters keep a positive size.
@@ -191,14 +193,17 @@ class VectorQuantizer(_TracksUsage):
             size = (self.cluster_size_ema + self.eps) / (n + self.codebook_size * self.eps) * n  # (K,)
             weight.copy_(self.embed_sum_ema / size[:, None])
         if self.restart_after:
-            self._restart_dead_codes(flat, counts)
+            self._restart_dead_codes(flat, counts, errors)
 
-    def _restart_dead_codes(self, flat: torch.Tensor, counts: torch.Tensor) -> None:
+    def _restart_dead_codes(self, flat: torch.Tensor, counts: torch.Tensor, errors: torch.Tensor) -> None:
         unused = torch.where(counts > 0, 0, self.steps_unused + 1)  # (K,)
         dead = unused >= self.restart_after  # (K,)
-        # A candidate for every code, not just the dead ones: a fixed-size draw needs no
-        # device-to-host sync to learn how many codes died.
-        pick = torch.randint(0, flat.shape[0], (self.codebook_size,), device=flat.device)  # (K,)
+        # Candidates drawn with probability proportional to each vector's squared quantization
+        # error (k-means++ seeding, Arthur & Vassilvitskii 2007): dead codes go where the codebook
+        # fits worst. Uniform draws sent them mostly to the most frequent vectors (a plain image
+        # background), which the codebook already fit. A candidate for every code, not just the
+        # dead ones: a fixed-size draw needs no device-to-host sync to learn how many codes died.
+        pick = torch.multinomial(errors + 1e-12, self.codebook_size, replacement=True)  # (K,)
         candidates = flat[pick]  # (K, D)
         weight = self.embedding.weight
         weight.copy_(torch.where(dead[:, None], candidates.to(weight.dtype), weight))

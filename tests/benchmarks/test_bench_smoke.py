@@ -248,3 +248,25 @@ def test_bench_dit_runs_both_comparisons_quickly():
         assert all(_finite_positive(train[section][name]["images_per_s"]) for name in ("polymodal", "diffusers"))
     sampling = bench_dit.main(["--quick", "--sampling", "--threads", "1", "--iters", "1"])
     assert _finite_positive(sampling["ratio"]["median"])
+
+
+def test_bench_unified_runs_quickly_and_both_sides_start_from_the_same_loss():
+    import bench_unified
+
+    result = bench_unified.main(["--quick", "--threads", "1"])
+    first = result["first_loss"]
+    assert first["polymodal_packed"] == pytest.approx(first["transformers_padded"], rel=1e-3)
+    assert result["logits_max_abs_diff"] < 1e-3
+    for name in ("polymodal_packed", "transformers_padded"):
+        assert _finite_positive(result[name]["real_tokens_per_s"])
+    assert result["real_tokens_per_step"] < math.prod(result["padded_shape"])  # padding counted out
+
+
+def test_tokenizer_ceiling_probe_scores_reconstructions(tmp_path):
+    import probe_tokenizer_ceiling
+
+    from polymodal.recipes.runner import run_recipe
+
+    run_recipe("configs/image_vq/tiny.yaml", [f"train.out_dir={tmp_path / 'vq'}", "train.steps=2", "eval_n=0"])
+    out = probe_tokenizer_ceiling.main([str(tmp_path / "vq" / "final"), "--n", "2"])
+    assert set(out) == {1, 2} and all(0.0 <= v <= 1.0 for column in out.values() for v in column.values())

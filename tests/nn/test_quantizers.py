@@ -402,3 +402,17 @@ def test_bf16_inputs_match_float32(quantizer):
     assert torch.equal(out.quantized, reference.quantized.to(torch.bfloat16))
     out.quantized.float().sum().backward()
     assert z.grad.dtype == torch.bfloat16
+
+
+def test_dead_codes_restart_onto_the_worst_fit_vectors():
+    """Dead codes go where the codebook fits worst (draws weighted by squared error), not onto the
+    many vectors it already fits exactly (a plain background)."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(4, 2, restart_after=1).train()
+    with torch.no_grad():
+        vq.embedding.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [100.0, 100.0], [200.0, 200.0]]))
+    fitted = torch.tensor([[0.0, 0.0], [1.0, 0.0]]).repeat(50, 1)  # 100 vectors exactly on codes 0 and 1
+    outlier = torch.tensor([[0.5, 5.0]])
+    vq(torch.cat([fitted, outlier]))
+    assert torch.equal(vq.embedding.weight[2:], outlier.expand(2, -1))  # both dead codes moved onto it
+    assert torch.equal(vq.embedding.weight[:2], torch.tensor([[0.0, 0.0], [1.0, 0.0]]))

@@ -206,18 +206,23 @@ def _job(config: DiffusionRecipeConfig, model: DiffusionModel, tokenizer, batche
         callbacks.append(every(config.sample_every, grid, at_end=False))
 
     def after(final: DiffusionModel, out: Path | None) -> None:
-        if out is None:
-            return
-        save_sample_grid(final, tokenizer, out / "samples.png", config)
-        if config.eval_n:
+        if out is not None:
             from polymodal.eval.generation import evaluate_generation
 
-            metrics = evaluate_generation(final, tokenizer, n=config.eval_n, guidance=config.eval_guidance)
-            print(json.dumps(metrics, indent=2))
-            write_text_atomic(out / "eval.json", json.dumps(metrics, indent=2))
+            report_generation(final, tokenizer, out, config, evaluate_generation)
 
     return TrainingJob(model, batches, diffusion_objective, tokenizer=tokenizer, state=state, callbacks=callbacks,
                        final_model=averaged if ema is not None else None, after=after)
+
+
+def report_generation(model, tokenizer, out: Path, config, evaluate) -> None:
+    """After training an image generator: DIR/samples.png and, with `config.eval_n`, the metrics of
+    `evaluate(model, tokenizer, n=, guidance=)` printed and written to DIR/eval.json."""
+    save_sample_grid(model, tokenizer, out / "samples.png", config)
+    if config.eval_n:
+        metrics = evaluate(model, tokenizer, n=config.eval_n, guidance=config.eval_guidance)
+        print(json.dumps(metrics, indent=2))
+        write_text_atomic(out / "eval.json", json.dumps(metrics, indent=2))
 
 
 def save_sample_grid(model: DiffusionModel, tokenizer, path: Path, config: DiffusionRecipeConfig) -> Path:

@@ -19,14 +19,12 @@ SmolLM2: its text embeddings and head rows stay, and K code rows (+ the row end)
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from polymodal.atomic import write_text_atomic
 from polymodal.backbones.decoder import DecoderConfig
 from polymodal.bounds import MAX_STEPS, check_float, check_int
 from polymodal.data.conversation import IMAGE_MARKER, conversation_document
@@ -251,17 +249,11 @@ def unified_job(config: UnifiedRecipeConfig) -> TrainingJob:
           f"{c.grid[0]}x{c.grid[1]} codes per image ({model.image_tokens} tokens), mix {config.data.mix}")
 
     def after(final: UnifiedModel, out: Path | None) -> None:
-        if out is None:
-            return
-        from polymodal.recipes.diffusion import save_sample_grid
-
-        save_sample_grid(final, tokenizer, out / "samples.png", config)
-        if config.eval_n:
+        if out is not None:
             from polymodal.eval.unified import evaluate_unified
+            from polymodal.recipes.diffusion import report_generation
 
-            metrics = evaluate_unified(final, tokenizer, n=config.eval_n, guidance=config.eval_guidance)
-            print(json.dumps(metrics, indent=2))
-            write_text_atomic(out / "eval.json", json.dumps(metrics, indent=2))
+            report_generation(final, tokenizer, out, config, evaluate_unified)
 
     return TrainingJob(model, IndexedBatches(documents), sequence_loss, tokenizer=tokenizer,
                        tokens_in_batch=lambda batch: batch.num_tokens, after=after)

@@ -87,6 +87,9 @@ def _attend_spans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: Docu
     return torch.cat(outs, dim=2).view(heads, rows, length, head_dim).transpose(0, 1)  # (R, H, L, D)
 
 
+FUSED_QKV_MIN_TOKENS = 64  # below this many tokens q/k/v keep three separate projections
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads; self-attention or cross-attention.
 
@@ -139,7 +142,9 @@ class Attention(nn.Module):
                 kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
         b, t, _ = x.shape
         source = x if context is None else context
-        if context is None and self._plain_projections():
+        # Fused only over many tokens: stacking the weights copies them, which costs more than
+        # it saves when a decoding step projects one token per row.
+        if context is None and b * t >= FUSED_QKV_MIN_TOKENS and self._plain_projections():
             q, k, v = self._fused_qkv(x)
         else:
             q, k, v = self.q_proj(x), self.k_proj(source), self.v_proj(source)

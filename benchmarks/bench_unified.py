@@ -23,6 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,7 +37,7 @@ from polymodal.sequence import IGNORE_INDEX, pack_documents  # noqa: E402
 from polymodal.train.objectives import sequence_loss, token_cross_entropy  # noqa: E402
 
 
-def world_documents(docs: int, quick: bool):
+def world_documents(docs: int):
     """(documents, vocabulary size, first code id, codes): one step's worth of unified-recipe documents."""
     from polymodal.data.world import world_tokenizer
     from polymodal.models.unified import UnifiedConfig, UnifiedModel
@@ -56,7 +57,7 @@ def world_documents(docs: int, quick: bool):
     torch.manual_seed(0)
     data = UnifiedDataConfig(num_scenes=docs, docs_per_batch=docs, max_tokens=4096)
     source = WorldDocuments(UnifiedModel(config).eval(), tokenizer, data, seed=0)
-    rng = __import__("numpy").random.default_rng(0)
+    rng = np.random.default_rng(0)
     kinds = rng.choice(len(source.kinds), size=docs, p=source.weights)
     documents = [source.document(source.kinds[k], j, rng) for j, k in enumerate(kinds)]
     return documents, lm.vocab_size, text, image.codebook_size
@@ -96,11 +97,11 @@ def padded_batch(documents) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, mask, labels
 
 
-def bench(docs: int, width: int, depth: int, max_tokens: int, warmup: int, iters: int, quick: bool,
+def bench(docs: int, width: int, depth: int, max_tokens: int, warmup: int, iters: int,
           vocab_size: int = 0) -> dict:
     """Real tokens/s of polymodal packed and transformers padded training on the same documents;
     vocab_size > the documents' vocabulary pads it with ids no document uses."""
-    documents, vocab, first_code, codes = world_documents(docs, quick)
+    documents, vocab, first_code, codes = world_documents(docs)
     vocab = max(vocab, vocab_size)
     ours, theirs = chameleon_pair(vocab, first_code, codes, width, depth)
     ids, mask, labels = padded_batch(documents)
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     docs = args.docs or (6 if args.quick else 32)
     width, depth = (64, 1) if args.quick else (args.width, args.depth)
     iters = args.iters or (2 if args.quick else 6)
-    result = bench(docs, width, depth, args.max_tokens, warmup=1 if args.quick else 2, iters=iters, quick=args.quick,
+    result = bench(docs, width, depth, args.max_tokens, warmup=1 if args.quick else 2, iters=iters,
                    vocab_size=args.vocab)
     result["machine"] = machine_info("cpu")
     result["command"] = " ".join(["python"] + sys.argv)

@@ -114,6 +114,17 @@ def fit_chat_prompt(model, prompt: ChatPrompt, max_new_tokens: int = DEFAULT_MAX
     return ChatPrompt(prompt.ids[start:], pixels)
 
 
+def end_of_turn_ids(model, tokenizer) -> set[int]:
+    """The ids that end a reply: the model config's eos id(s) (a MultimodalLM or unified model keeps
+    its LM's settings in config.lm) and the tokenizer's."""
+    config = getattr(model, "config", None)
+    eos = getattr(getattr(config, "lm", config), "eos_token_id", None)
+    ids = set([eos] if isinstance(eos, int) else eos or [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
 def _generation_kwargs(model, tokenizer, gen: dict) -> tuple[dict, bool]:
     """(gen checked, plus defaults: stop at the model's and the tokenizer's end-of-turn ids; truncate)."""
     gen = dict(gen)
@@ -121,13 +132,7 @@ def _generation_kwargs(model, tokenizer, gen: dict) -> tuple[dict, bool]:
     check_sampling(**{name: gen[name] for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
                       if name in gen})
     if gen.get("eos_token_id") is None:
-        config = getattr(model, "config", None)
-        # A MultimodalLM keeps its LM's settings in config.lm.
-        eos = getattr(getattr(config, "lm", config), "eos_token_id", None)
-        ids = set([eos] if isinstance(eos, int) else eos or [])
-        if tokenizer.eos_token_id is not None:
-            ids.add(tokenizer.eos_token_id)
-        gen["eos_token_id"] = sorted(ids) or None
+        gen["eos_token_id"] = sorted(end_of_turn_ids(model, tokenizer)) or None
     gen["stop_strings"] = tuple(gen.get("stop_strings", ()))
     return gen, truncate
 

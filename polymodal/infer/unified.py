@@ -179,7 +179,7 @@ def generate_interleaved(model, tokenizer, messages: Sequence[dict], images: Seq
     end-of-turn token, after `max_new_tokens` text tokens, or when `max_images` are drawn and
     the model asks for another. images: the chat's input images (as `polymodal.infer.chat`).
     """
-    from polymodal.infer.chat import encode_chat
+    from polymodal.infer.chat import encode_chat, end_of_turn_ids
 
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     check_sampling(temperature=image_temperature)
@@ -193,7 +193,7 @@ def generate_interleaved(model, tokenizer, messages: Sequence[dict], images: Seq
     may_draw = model.image_tokenizer.config.has_decoder is not False
     banned = torch.tensor([i for i in model.generation_suppressed_tokens()
                            if not (may_draw and i == c.image_start_id)], device=model.code_ids.device)
-    eos = {tokenizer.eos_token_id} | _ids(c.lm.eos_token_id)
+    eos = end_of_turn_ids(model, tokenizer)
     parts: list[str | Image.Image] = []
     text: list[int] = []
     drawn = 0
@@ -219,9 +219,3 @@ def generate_interleaved(model, tokenizer, messages: Sequence[dict], images: Seq
         parts.append(tokenizer.decode(text, skip_special_tokens=True))
     return parts
 
-
-def _ids(value) -> set[int]:
-    """A config's eos id(s) as a set."""
-    if value is None:
-        return set()
-    return {value} if isinstance(value, int) else set(value)

@@ -32,7 +32,7 @@ from polymodal.data.world.text import captions_of, check_caption_styles
 from polymodal.errors import ConfigError
 from polymodal.models.unified import UnifiedConfig, UnifiedModel
 from polymodal.recipes.runner import TrainingJob
-from polymodal.sequence import Document, Segment, pack_documents
+from polymodal.sequence import NEXT_TOKEN, Document, Segment, pack_documents
 from polymodal.tokenizers.image_vq import ImageVQ, ImageVQConfig
 from polymodal.tokenizers.text import MODALITY_TOKENS
 from polymodal.train.data import IndexedBatches
@@ -236,7 +236,7 @@ class WorldDocuments:
 
 def _span_segment(span: torch.Tensor, trained: bool) -> Segment:
     """An image span (ids, markers included) as a segment: a next-token target when drawn."""
-    return Segment("image", tokens=span, target="next_token" if trained else None)
+    return Segment("image", tokens=span, target=NEXT_TOKEN if trained else None)
 
 
 def unified_job(config: UnifiedRecipeConfig) -> TrainingJob:

@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from polymodal.errors import UsageError
-from polymodal.infer.chat import is_multimodal
+from polymodal.infer.chat import end_of_turn_ids, is_multimodal
 from polymodal.infer.limits import context_length
 from polymodal.models.registry import tasks_of
 from polymodal.serve import tasks as work
@@ -105,16 +105,6 @@ class Served:
                 "context_length": context_length(self.model), "image_size": self.image_side}
 
 
-def eos_ids(model, tokenizer) -> set[int]:
-    """The ids that end a reply: the model's configured eos (a MultimodalLM keeps it in config.lm), the tokenizer's."""
-    config = getattr(model, "config", None)
-    eos = getattr(getattr(config, "lm", config), "eos_token_id", None)
-    ids = set([eos] if isinstance(eos, int) else eos or [])
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
-
-
 def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     """The FastAPI app serving `model` (eval mode) with `tokenizer` under `config`'s limits."""
     config = config or ServeConfig()
@@ -124,7 +114,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                          "with its tokenizer, or give an HF folder with tokenizer.json)")
     model.eval()
     suppress = tuple(model.generation_suppressed_tokens()) if hasattr(model, "generation_suppressed_tokens") else ()
-    engine = Engine(model, tokenizer, config.max_batch, config.max_queue, eos_ids(model, tokenizer), suppress)
+    engine = Engine(model, tokenizer, config.max_batch, config.max_queue, end_of_turn_ids(model, tokenizer), suppress)
     metrics = ServerMetrics(lambda: engine.queue_depth, lambda: engine.active_rows)
     side = work.native_image_side(model) if "generate_image" in tasks else None
     served = Served(model, tokenizer, config, engine, metrics, tasks, side, int(time.time()))

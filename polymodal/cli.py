@@ -34,6 +34,16 @@ def _complete(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    if args.nproc is not None:
+        from polymodal.distributed.env import check_nproc, run_torchrun
+        from polymodal.recipes.runner import load_recipe_config
+
+        check_nproc(args.nproc)
+        load_recipe_config(args.config, args.overrides)  # a bad config is one line here, not one per rank
+        status = run_torchrun(args.nproc, ["train", args.config, *args.overrides])
+        if status:
+            raise TrainingStopped(f"torchrun exited with status {status} (the ranks' messages are above)")
+        return
     from polymodal.recipes import run_recipe
 
     run_recipe(args.config, args.overrides)
@@ -87,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=defaults)
     p.add_argument("config", help="a recipe YAML (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, nested keys with dots (train.lr=1e-3)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="train on N local processes: runs `torchrun --standalone --nproc-per-node N -m polymodal "
+                        "train ...` (put it before CONFIG; multi-node: call torchrun yourself, see "
+                        "docs/notes/scale_out.md)")
     p.set_defaults(func=_train)
 
     from polymodal.data.export import add_cli as add_world_cli

@@ -16,6 +16,10 @@ every family:
        DIR/final/          the inference checkpoint `polymodal.load` reads (merged LoRA, EMA weights)
        DIR/checkpoints/    resumable training state, step by step
        DIR/metrics.jsonl   DIR/loss.png   DIR/recipe.yaml (the resolved config)
+
+Under torchrun (or with `train.parallel.strategy` ddp/fsdp) every rank runs this same function:
+`polymodal.distributed.session` shards the data, parallelizes the model and writes sharded
+checkpoints; rank 0 alone claims the folder and writes the files above.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import yaml
 
 from polymodal.atomic import write_text_atomic
 from polymodal.config import config_to_yaml, load_config
+from polymodal.distributed.session import start_session
 from polymodal.errors import ConfigError, DestinationExistsError
 from polymodal.models.registry import Recipe, resolve
 from polymodal.outputs import Manifest, claim_folder, read_manifest
@@ -91,8 +96,8 @@ def read_recipe_name(path: str | Path) -> str:
     return name
 
 
-def run_recipe(config_path: str | Path, overrides: Sequence[str] = ()) -> RecipeResult:
-    """Run the recipe named in `config_path`'s `recipe:` key with `key=value` overrides."""
+def load_recipe_config(config_path: str | Path, overrides: Sequence[str] = ()) -> tuple[Any, Recipe]:
+    """(validated config, recipe) of the recipe named in `config_path`'s `recipe:` key, with overrides."""
     from polymodal.models.registry import get_recipe
 
     name = read_recipe_name(config_path)
@@ -100,34 +105,46 @@ def run_recipe(config_path: str | Path, overrides: Sequence[str] = ()) -> Recipe
         _, recipe = get_recipe(name)
     except KeyError as err:
         raise ConfigError(f"{config_path}: {err.args[0]}") from None
-    config = load_config(resolve(recipe.config), config_path, overrides)
-    return run_training(config, recipe)
+    return load_config(resolve(recipe.config), config_path, overrides), recipe
+
+
+def run_recipe(config_path: str | Path, overrides: Sequence[str] = ()) -> RecipeResult:
+    """Run the recipe named in `config_path`'s `recipe:` key with `key=value` overrides."""
+    return run_training(*load_recipe_config(config_path, overrides))
 
 
 def run_training(config: Any, recipe: Recipe) -> RecipeResult:
-    """Claim the output folder, seed, set the job up, train, and write the output layout."""
+    """Claim the output folder, seed, set the job up, train, and write the output layout.
+
+    In a multi-process run every rank returns; only rank 0's result holds the final model and folder."""
     train_config = config.train
     out = Path(train_config.out_dir) if train_config.out_dir else None
-    if out is not None:
-        manifest = claim_run_folder(out, train_config.resume, train_config.overwrite)
-        for name in (*STANDARD_OUTPUTS, *recipe.outputs):
-            manifest.claim(name)
-        manifest.save()
-    seed_everything(train_config.seed)
-    job = resolve(recipe.setup)(config)
-    result = train(job.model, job.data, job.objective, train_config, optimizers=job.optimizers, state=job.state,
-                   parallelize=job.parallelize, callbacks=job.callbacks, tokens_in_batch=job.tokens_in_batch,
-                   tokenizer=job.tokenizer)
-    model = job.final_model() if job.final_model is not None else job.model
-    final = None
-    if out is not None:
-        from polymodal.checkpoint import save_checkpoint
+    session = start_session(train_config)
+    try:
+        if out is not None and session.is_main:
+            manifest = claim_run_folder(out, train_config.resume, train_config.overwrite)
+            for name in (*STANDARD_OUTPUTS, *recipe.outputs):
+                manifest.claim(name)
+            manifest.save()
+        session.barrier()
+        seed_everything(train_config.seed)
+        job = session.prepare(resolve(recipe.setup)(config))
+        result = train(job.model, job.data, job.objective, train_config, optimizers=job.optimizers, state=job.state,
+                       parallelize=job.parallelize, callbacks=job.callbacks, tokens_in_batch=job.tokens_in_batch,
+                       tokenizer=job.tokenizer, checkpointer=session.checkpointer())
+        model = session.final_model(job)
+        final = None
+        if out is not None and session.is_main:
+            from polymodal.checkpoint import save_checkpoint
 
-        final = save_checkpoint(model, out / FINAL, job.tokenizer, extra={"recipe": config.recipe, "step": result.step},
-                                extra_files=job.final_files)
-        write_text_atomic(out / "recipe.yaml", config_to_yaml(config))
-    if job.after is not None:
-        job.after(model, out)
+            final = save_checkpoint(model, out / FINAL, job.tokenizer,
+                                    extra={"recipe": config.recipe, "step": result.step}, extra_files=job.final_files)
+            write_text_atomic(out / "recipe.yaml", config_to_yaml(config))
+        if job.after is not None and session.is_main:
+            job.after(model, out)
+        session.report()
+    finally:
+        session.close()
     return RecipeResult(model, job.tokenizer, result, final)
 
 

@@ -39,6 +39,15 @@ class SeenTokens:
         ids = token_ids[real].long()
         self.seen[ids[(ids >= 0) & (ids < len(self.seen))]] = True
 
+    def sync_across_ranks(self) -> None:
+        """In a multi-process run each rank sees its own share of the batches: make every rank's set
+        the union of all of them (`polymodal.distributed` calls this after each step)."""
+        import torch.distributed as dist
+
+        merged = self.seen.to(torch.uint8)
+        dist.all_reduce(merged, op=dist.ReduceOp.MAX)
+        self.seen = merged.bool()
+
     def save(self, path: Path) -> None:
         """Write the seen ids (with the vocabulary size) to `path` atomically."""
         ids = self.seen.nonzero().flatten().tolist()

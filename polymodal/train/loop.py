@@ -15,7 +15,11 @@ single-device model; torchtune passes built parts in):
 - `state`: named extra objects with `state_dict`/`load_state_dict` (an `EMA`, a discriminator
   module, a counter) saved in every checkpoint and restored exactly on resume;
 - `parallelize`: a function applied to the model after it moves to its device and before the
-  optimizers are built (DDP/FSDP/compile; identity by default);
+  optimizers are built (DDP/FSDP/compile; identity by default; `polymodal.distributed`);
+- `checkpointer`: how checkpoints are written and read back (default: this module's
+  single-process folders; a multi-process run passes `polymodal.distributed`'s sharded one).
+  In a multi-process run rank 0 alone writes metrics.jsonl, the plot and the progress bar, and
+  a fresh run seeds each rank with `seed + rank` (ranks draw different noise, rank 0 as alone);
 - `callbacks`: functions of a `StepContext` called after every optimizer step, before that
   step's checkpoint is written (so what they change is saved with it): EMA updates, periodic
   evaluation and sample grids (`every`).
@@ -34,7 +38,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
@@ -46,6 +50,8 @@ from tqdm.auto import tqdm
 from polymodal.atomic import write_text_atomic
 from polymodal.bounds import MAX_STEPS, check_float, check_int, check_length
 from polymodal.checkpoint import load_state_dict_checked, read_weights
+from polymodal.distributed.config import ParallelConfig
+from polymodal.distributed.env import current_world
 from polymodal.errors import CheckpointError, ConfigError, DestinationExistsError, TrainingStopped
 from polymodal.models.registry import config_to_dict
 from polymodal.plots import save_loss_plot
@@ -77,7 +83,8 @@ class TrainConfig:
     max_grad_norm: clip threshold (None: no clipping; the norm is still checked for NaN/inf).
     precision: "auto" = bf16 autocast on CUDA, fp32 elsewhere. resume: continue from the latest
     checkpoint in out_dir when there is one. overwrite (recipes): start over in an out_dir that
-    holds an earlier run, removing only what that run wrote.
+    holds an earlier run, removing only what that run wrote. parallel: data parallelism,
+    activation checkpointing and compilation (`polymodal.distributed.ParallelConfig`).
     """
 
     steps: int = 1000
@@ -99,6 +106,7 @@ class TrainConfig:
     device: str = "auto"
     resume: bool = False
     overwrite: bool = False
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         """Check every field before a run starts (counts against `polymodal.bounds.MAX_STEPS`)."""
@@ -188,6 +196,7 @@ def train(
     callbacks: Sequence[Callable[[StepContext], None]] = (),
     tokens_in_batch: Callable[[Any], int] | None = None,
     tokenizer: Any = None,
+    checkpointer: Any = None,
 ) -> TrainResult:
     """Train `model` for `config.steps` optimizer steps on batches drawn from `data`.
 
@@ -205,6 +214,9 @@ def train(
     callbacks: called with a `StepContext` after every step (see the module docstring).
     tokens_in_batch(batch) -> int: makes the progress bar and metrics report tokens/s.
     tokenizer: saved into every checkpoint so the folders load with `polymodal.load`.
+    checkpointer: an object with `candidates(root)`, `save(root, model, optimizations, snapshot,
+        tokenizer=, keep=)` and `restore(candidates, model, optimizations, extra)` replacing the
+        single-process checkpoint format (`polymodal.distributed.checkpoint.DistributedCheckpointer`).
     A fresh run seeds the python, numpy and torch RNGs with `config.seed`; a resumed run restores
     them, with everything above, from the newest intact checkpoint in `config.out_dir`.
     Raises `NonFiniteLossError` on a NaN/inf loss or gradient norm, keeping the last checkpoint,
@@ -228,20 +240,26 @@ def train(
     resumable = is_resumable(data)
     batches: Iterator = data if resumable else iter(data)
     step, losses, checkpoint = 0, [], None
-    candidates = resume_candidates(ckpt_root) if ckpt_root is not None else []
+    rank, _ = current_world()
+    candidates = []
+    if ckpt_root is not None:
+        candidates = checkpointer.candidates(ckpt_root) if checkpointer is not None else resume_candidates(ckpt_root)
     if candidates and not config.resume:
         raise DestinationExistsError(
             f"out_dir {out_dir} already holds checkpoints (latest: {candidates[0].name}); set train.resume=true "
             "to continue that run or choose another out_dir")
     if candidates:
-        checkpoint, saved = _restore_newest_intact(candidates, model, optimizations, extra)
+        if checkpointer is not None:
+            checkpoint, saved = checkpointer.restore(candidates, model, optimizations, extra)
+        else:
+            checkpoint, saved = _restore_newest_intact(candidates, model, optimizations, extra)
         if resumable:
             data.load_state_dict(saved.data)
         else:
             _skip(batches, saved.step * config.grad_accum)
         step, losses = saved.step, list(saved.losses)
     else:
-        seed_everything(config.seed)
+        seed_everything((config.seed + rank) % 2 ** 32)
 
     def save(at_step: int) -> Path:
         snapshot = TrainingState(
@@ -250,13 +268,19 @@ def train(
             schedulers={name: o.scheduler.state_dict() for name, o in optimizations.items() if o.scheduler},
             rng=capture_rng(), data=data.state_dict() if resumable else None,
             extra={name: value.state_dict() for name, value in extra.items()}, config=config_to_dict(config))
-        folder = save_training_checkpoint(ckpt_root, model, snapshot, tokenizer=tokenizer, keep=config.keep_checkpoints)
-        save_loss_plot(list(range(1, at_step + 1)), losses, out_dir / PLOT_FILE)
+        if checkpointer is not None:
+            folder = checkpointer.save(ckpt_root, model, optimizations, snapshot, tokenizer=tokenizer,
+                                       keep=config.keep_checkpoints)
+        else:
+            folder = save_training_checkpoint(ckpt_root, model, snapshot, tokenizer=tokenizer,
+                                              keep=config.keep_checkpoints)
+        if rank == 0:
+            save_loss_plot(list(range(1, at_step + 1)), losses, out_dir / PLOT_FILE)
         return folder
 
-    metrics = _open_metrics(out_dir, step) if out_dir is not None else None
+    metrics = _open_metrics(out_dir, step) if out_dir is not None and rank == 0 else None
     model.train()
-    bar = tqdm(total=config.steps, initial=step, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=step, desc="train", dynamic_ncols=True, disable=rank != 0)
     with stop_requests() as stop:
         try:
             while step < config.steps:
@@ -269,12 +293,12 @@ def train(
                 bar.set_postfix(loss=f"{log.loss:.4f}", lr=f"{log.lr:.2e}",
                                 speed=f"{log.throughput:.1f} {log.unit}", refresh=False)
                 bar.update(1)
-                if metrics is not None and (step % config.log_every == 0 or step == config.steps):
-                    metrics.write(json.dumps(dataclasses.asdict(log)) + "\n")
-                    metrics.flush()
                 context = StepContext(log, model, out_dir, config.steps)
                 for callback in callbacks:
                     callback(context)
+                if metrics is not None and (step % config.log_every == 0 or step == config.steps):
+                    metrics.write(json.dumps(_metrics_line(log)) + "\n")
+                    metrics.flush()
                 if ckpt_root is not None and (config.checkpoints_at(step) or stop.requested):
                     checkpoint = save(step)
                 if stop.requested:
@@ -373,6 +397,14 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
+
+
+def _metrics_line(log: StepLog) -> dict:
+    """A step's metrics.jsonl record: the log's fields, `stats` only when a callback added some."""
+    line = dataclasses.asdict(log)
+    if not line["stats"]:
+        del line["stats"]
+    return line
 
 
 def _open_metrics(out_dir: Path, step: int):

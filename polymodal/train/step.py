@@ -24,7 +24,8 @@ class StepLog:
 
     loss: the step's loss (the sum of `parts` when the objective returns several); parts: each
     optimizer's loss when there are several; throughput in `unit` ("tokens/s", "samples/s" or
-    "steps/s"); elapsed: seconds since the `train` call started.
+    "steps/s"); elapsed: seconds since the `train` call started; stats: figures callbacks add
+    (a distributed run's MFU, global tokens/s, peak memory), written to metrics.jsonl when present.
     """
 
     step: int
@@ -35,6 +36,7 @@ class StepLog:
     unit: str
     elapsed: float
     parts: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 class NonFiniteLossError(TrainingStopped, FloatingPointError):

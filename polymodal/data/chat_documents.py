@@ -5,7 +5,9 @@
 recipe's shuffled stream resumes exactly. Sources:
 - "world": scene i of the train split as a caption chat (align: one template of the caption
   styles) or a question chat (instruct: `turns` user turns, an opening description request in a
-  `describe` share of them, question types drawn by `question_weights`);
+  `describe` share of them, question types drawn by `question_weights`); a `grounding` share of
+  the scenes give a grounding chat instead (`polymodal.data.world.grounding`: boxes as text), and
+  in instruct `think` / `tools` shares a reasoning chat (`polymodal.data.world.reasoning`);
 - "llava", "coco", "webdataset": the files' own chats (`polymodal.data.sources`), whatever the
   stage: the data decides what is asked and answered.
 A `data.mix` of several lays them end to end by weight (`polymodal.data.sources.Mixture`).
@@ -25,17 +27,31 @@ DocumentFn = Callable[[int], Document]
 def world_documents(stage: str, tokenizer, processor: ImageProcessor, world, image_token_id: int,
                     image_tokens: int, turns: int, caption_styles: Sequence[str], describe: float = 0.5,
                     question_weights: dict[str, int] | None = None,
-                    describe_styles: Sequence[str] = ("detailed",)) -> DocumentFn:
+                    describe_styles: Sequence[str] = ("detailed",), grounding: float = 0.0, think: float = 0.0,
+                    tools: float = 0.0) -> DocumentFn:
     """A function index -> Document over `world`'s scenes: caption chats (align, one template of
     `caption_styles` per scene) or QA chats (instruct: `turns` user turns, the first a description
     request in a `describe` share of them, answered in one of `describe_styles`, question types
-    drawn by `question_weights`)."""
+    drawn by `question_weights`). A `grounding` share of the scenes (drawn from each scene's seed)
+    give a grounding chat instead: one question in align, `turns` in instruct; in instruct, a
+    `think` share of the others a think chat (rationale, then answer) and a `tools` share a chat
+    that calls the detector tool before answering."""
+    import numpy as np
+
+    from polymodal.data.world.grounding import grounding_conversation
+    from polymodal.data.world.reasoning import reasoning_conversation
     from polymodal.data.world.text import DESCRIBE_PROMPTS, captions_of
 
     def document(index: int) -> Document:
         scene = world[index]
         pixels = processor(scene.image())
-        if stage == "align":
+        draw = np.random.default_rng([scene.seed, 304]).random(2)
+        if grounding and draw[0] < grounding:
+            messages = grounding_conversation(scene, turns if stage == "instruct" else 1)
+        elif stage == "instruct" and draw[1] < think + tools:
+            variant = "think" if draw[1] < think else "tools"
+            messages = reasoning_conversation(scene, variant, turns, question_weights)
+        elif stage == "align":
             captions = captions_of(scene, caption_styles)
             messages = [{"role": "user", "content": IMAGE_MARKER + "\n" + DESCRIBE_PROMPTS[index % len(DESCRIBE_PROMPTS)]},
                         {"role": "assistant", "content": captions[index % len(captions)]}]

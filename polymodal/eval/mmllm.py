@@ -27,8 +27,8 @@ from polymodal.infer.chat import encode_chat, generate_replies
 CAPTION_PROMPT = "Describe the image."
 
 
-def _replies(model, tokenizer, prompts: Sequence[str], image_of: Callable[[int], object], batch_size: int,
-             max_new_tokens: int, processor: ImageProcessor | None = None, bar=None) -> list[str]:
+def chat_replies(model, tokenizer, prompts: Sequence[str], image_of: Callable[[int], object], batch_size: int,
+                 max_new_tokens: int, processor: ImageProcessor | None = None, bar=None) -> list[str]:
     """Greedy replies to one-turn chats "<image>\\n{prompt}", `batch_size` prompts per generate call.
 
     image_of(i) -> the i-th prompt's image (PIL, array or processed (3, H, W) tensor); images are
@@ -56,9 +56,25 @@ def answer_questions(model, tokenizer, processor: ImageProcessor | None, items: 
     """Greedy answers to (image, question) pairs, each asked as `evaluate_world` asks it; returns
     the first line of each reply, the part exact match scores."""
     model.eval()
-    replies = _replies(model, tokenizer, [q for _, q in items], lambda i: items[i][0], batch_size, max_new_tokens,
-                       processor)
+    replies = chat_replies(model, tokenizer, [q for _, q in items], lambda i: items[i][0], batch_size,
+                           max_new_tokens, processor)
     return [first_line(reply) for reply in replies]
+
+
+def world_scenes(model, processor: ImageProcessor | None, split: str, num_scenes: int,
+                 num_objects: tuple[int, int], background: str, batch_size: int):
+    """(processor, scenes, pixels_of) for an evaluation on `num_scenes` scenes of a world split:
+    the processor (default: the model's vision tower's), the scenes, and `pixels_of(k)` -> scene k
+    rendered and processed. Puts the model in eval mode."""
+    from polymodal.data.world import World
+
+    model.eval()
+    processor = processor or ImageProcessor.for_model(model.config)
+    world = World(split, image_size=processor.size, num_objects=num_objects, background=background)
+    scenes = list(world.scenes(num_scenes))
+    # A scene's questions are consecutive, so a small cache renders each scene about once per pass.
+    pixels_of = lru_cache(maxsize=batch_size)(lambda k: processor(scenes[k].render()))
+    return processor, scenes, pixels_of
 
 
 @torch.no_grad()
@@ -75,16 +91,10 @@ def evaluate_world(model, tokenizer, split: str = "test", num_scenes: int = 100,
     """
     from tqdm import tqdm
 
-    from polymodal.data.world import World
-
     if num_scenes < 1:
         raise ValueError(f"evaluate_world: num_scenes must be >= 1, got {num_scenes}")
-    model.eval()
-    processor = processor or ImageProcessor.for_model(model.config)
-    world = World(split, image_size=processor.size, num_objects=num_objects, background=background)
-    scenes = list(world.scenes(num_scenes))
-    # A scene's questions are consecutive, so a small cache renders each scene about once per pass.
-    pixels_of = lru_cache(maxsize=batch_size)(lambda k: processor(scenes[k].render()))
+    processor, scenes, pixels_of = world_scenes(model, processor, split, num_scenes, num_objects, background,
+                                                batch_size)
     qa_items, answers, qtypes = [], [], []
     for k, scene in enumerate(scenes):
         for qa in scene.questions():
@@ -93,10 +103,10 @@ def evaluate_world(model, tokenizer, split: str = "test", num_scenes: int = 100,
             qtypes.append(qa.qtype)
     with tqdm(total=len(qa_items) + len(scenes), desc=f"eval mmllm ({split})", unit="prompt",
               disable=not progress) as bar:
-        replies = _replies(model, tokenizer, [q for q, _ in qa_items], lambda i: pixels_of(qa_items[i][1]),
-                           batch_size, answer_tokens, bar=bar)
-        captions = _replies(model, tokenizer, [CAPTION_PROMPT] * len(scenes), pixels_of, batch_size, caption_tokens,
-                            bar=bar)
+        replies = chat_replies(model, tokenizer, [q for q, _ in qa_items], lambda i: pixels_of(qa_items[i][1]),
+                               batch_size, answer_tokens, bar=bar)
+        captions = chat_replies(model, tokenizer, [CAPTION_PROMPT] * len(scenes), pixels_of, batch_size,
+                                caption_tokens, bar=bar)
     predictions = [first_line(reply) for reply in replies]
     metrics = {f"vqa_{k}": v for k, v in vqa_accuracy(predictions, answers, qtypes).items()}
     references = [captions_of(scene, CAPTION_STYLES) for scene in scenes]
@@ -104,11 +114,24 @@ def evaluate_world(model, tokenizer, split: str = "test", num_scenes: int = 100,
     return metrics
 
 
+DATA = ("world", "grounding", "reasoning")
+
+
 def evaluate(model, tokenizer, data: str = "world", split: str = "test", n: int = 100,
              progress: bool = True) -> dict[str, float]:
-    """The mmllm family's `polymodal eval` suite: `evaluate_world` on n scenes (data must be "world")."""
-    if data != "world":
-        raise UsageError(f"--data: the mmllm family evaluates on 'world' only, got {data!r}")
+    """The mmllm family's `polymodal eval` suite on n scenes: data "world" runs `evaluate_world`
+    (VQA and captioning), "grounding" runs `polymodal.eval.grounding.evaluate_grounding` (boxes),
+    "reasoning" runs `polymodal.eval.reasoning.evaluate_reasoning` (plain / M-ICL / M-CoT / LAVR)."""
+    if data not in DATA:
+        raise UsageError(f"--data: the {model.family} family evaluates on one of {DATA}, got {data!r}")
     if tokenizer is None:
-        raise UsageError("the mmllm evaluation needs the checkpoint's tokenizer, and this checkpoint has none")
+        raise UsageError(f"the {model.family} evaluation needs the checkpoint's tokenizer, and this checkpoint has none")
+    if data == "grounding":
+        from polymodal.eval.grounding import evaluate_grounding
+
+        return evaluate_grounding(model, tokenizer, split=split, num_scenes=n, progress=progress)
+    if data == "reasoning":
+        from polymodal.eval.reasoning import evaluate_reasoning
+
+        return evaluate_reasoning(model, tokenizer, split=split, num_scenes=n, progress=progress)
     return evaluate_world(model, tokenizer, split=split, num_scenes=n, progress=progress)

@@ -168,6 +168,8 @@ def stream_reply(model, tokenizer, prompt: ChatPrompt, **gen) -> Iterator[str]:
         with torch.no_grad():  # generation never backpropagates; keep no graph through the vision tower
             gen["inputs_embeds"] = model.embed(ids, prompt.pixels.to(device))  # (1, T, D)
         gen["attention_mask"] = torch.ones_like(ids)
+        if hasattr(model, "image_slots"):  # models with image-position weights (image LoRA, a visual expert)
+            gen["prefill_inputs"] = {"image_mask": model.image_slots(ids)}
     if is_multimodal(model):
         gen["suppress_tokens"] = model.generation_suppressed_tokens()
     return stream_text(model, tokenizer, prompt.ids, **gen)

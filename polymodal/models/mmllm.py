@@ -185,15 +185,25 @@ class MultimodalLM(nn.Module):
             inputs_embeds = self.embed(input_ids, pixel_values, padding, **projector_inputs)
         lm_inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "positions": positions,
                      "packed": packed, "kv_cache": kv_cache, "logits_to_keep": logits_to_keep, "logits": logits}
-        if not self.config.image_lora.rank:
+        if not self.treats_image_positions_apart:
             return self.lm(**lm_inputs)
         if image_mask is None:
             if input_ids is None:
-                raise ValueError("MultimodalLM with image_lora: give input_ids or image_mask with inputs_embeds, "
-                                 "so the adapters know the image positions")
+                raise ValueError(f"{type(self).__name__} gives image positions their own weights: give input_ids or "
+                                 "image_mask with inputs_embeds, so the LM knows the image positions")
             image_mask = self.image_slots(input_ids, padding)
-        with token_gated_lora(self.lm, image_mask):
+        with self.image_position_weights(image_mask):
             return self.lm(**lm_inputs)
+
+    @property
+    def treats_image_positions_apart(self) -> bool:
+        """Whether the LM runs image positions with weights of their own (here: `image_lora`)."""
+        return bool(self.config.image_lora.rank)
+
+    def image_position_weights(self, image_mask: torch.Tensor):
+        """A context in which the LM's forwards give the `image_mask` (B, T) positions their own
+        weights (here: the image-position adapters); families that route otherwise override it."""
+        return token_gated_lora(self.lm, image_mask)
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head: hidden states (..., D) -> logits (..., V). The positions it scores are text

@@ -193,6 +193,8 @@ BUILTIN_FAMILY_MODULES = (
     "polymodal.models.diffusion",
     "polymodal.models.image_vq",
     "polymodal.models.unified",
+    "polymodal.models.cogvlm",
+    "polymodal.models.flamingo",
 )
 
 

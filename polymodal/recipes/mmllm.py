@@ -67,6 +67,12 @@ class MMLLMDataConfig:
     text_replay (instruct): share of the chats that are text-only replay chats — general prompts
     (`polymodal.data.general_chat.REPLAY_PROMPTS`) with the LM's own greedy answers, recorded
     before the stage starts, so a pretrained LM keeps answering text as it did.
+    grounding (world): share of the world's scenes given as grounding chats instead (boxes as
+    text in questions and answers: referring expressions, region descriptions, grounded
+    captions; `polymodal.data.world.grounding`), in either stage.
+    think / tools (world, instruct): shares of the other world chats given in the reasoning
+    variants of `polymodal.data.world.reasoning`: a rationale listing the objects before the
+    answer (M-CoT), or a call to the detector tool whose reply lists them (LAVR).
     """
 
     source: str = "world"
@@ -85,6 +91,9 @@ class MMLLMDataConfig:
     max_tokens: int = 512
     caption_styles: list[str] = field(default_factory=lambda: ["short", "detailed"])
     text_replay: float = 0.0
+    grounding: float = 0.0
+    think: float = 0.0
+    tools: float = 0.0
 
     def __post_init__(self):
         from polymodal.data.world import text
@@ -94,6 +103,11 @@ class MMLLMDataConfig:
         text.check_question_weights(self.question_weights, "MMLLMDataConfig.question_weights")
         if not 0.0 <= self.text_replay < 1.0:
             raise ValueError(f"MMLLMDataConfig.text_replay must be in [0, 1), got {self.text_replay!r}")
+        for name in ("grounding", "think", "tools"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"MMLLMDataConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.think + self.tools > 1.0:
+            raise ConfigError(f"MMLLMDataConfig.think + tools must be at most 1, got {self.think} + {self.tools}")
 
         text.check_caption_styles(self.caption_styles, "MMLLMDataConfig.caption_styles")
         text.check_caption_styles(self.describe_styles, "MMLLMDataConfig.describe_styles")
@@ -154,12 +168,21 @@ class MMLLMRecipeConfig:
         if self.stage not in STAGES:
             raise ValueError(f"mmllm recipe: stage must be one of {STAGES}, got {self.stage!r}")
         for part in self.trainable or []:
-            if part not in PARTS:
-                raise ValueError(f"mmllm recipe: trainable entries must be among {PARTS}, got {part!r}")
+            if part not in self.part_names():
+                raise ValueError(f"{self.recipe} recipe: trainable entries must be among {self.part_names()}, "
+                                 f"got {part!r}")
         if self.replays_text and self.lora.rank and self.lora.image_tokens_only:
             raise ValueError("mmllm recipe: data.text_replay does nothing with lora.image_tokens_only (text-only "
                              "chats never reach the adapters, which keep them exactly as the base LM had them); "
                              "set data.text_replay: 0")
+
+    def part_names(self) -> tuple[str, ...]:
+        """The model parts `trainable` may name, in the order `set_trainable` applies them."""
+        return PARTS
+
+    def default_trainable(self) -> list[str]:
+        """The parts a stage trains when `trainable` is not given."""
+        return DEFAULT_TRAINABLE[self.stage]
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -254,10 +277,12 @@ def vision_tower_from(source: str) -> tuple[dict, nn.Module]:
     return fields, contrastive.vision_model
 
 
-def set_trainable(model: MultimodalLM, parts: Sequence[str], lora: LoRAConfig) -> int:
+def set_trainable(model: MultimodalLM, parts: Sequence[str], lora: LoRAConfig, names: Sequence[str] = PARTS) -> int:
     """Freeze every part not in `parts`; with `lora.rank > 0` put adapters on the LM instead of
-    training it fully. Returns the trainable parameter count."""
-    for name in PARTS:
+    training it fully. names: the model's parts (attributes), applied in order, so a part inside
+    an earlier one (a CogVLM visual expert inside the LM) is set after it. Returns the trainable
+    parameter count."""
+    for name in names:
         getattr(model, name).requires_grad_(name in parts)
     if lora.rank > 0 and "lm" in parts:
         if lora.image_tokens_only:
@@ -288,7 +313,7 @@ def make_batches(config: MMLLMRecipeConfig, model: MultimodalLM, tokenizer,
                           background=d.background, seed=config.train.seed)
             parts.append((d.num_scenes, world_documents(config.stage, tokenizer, processor, world, placeholder, tokens,
                                                         d.turns, d.caption_styles, d.describe, d.question_weights,
-                                                        d.describe_styles)))
+                                                        d.describe_styles, d.grounding, d.think, d.tools)))
         else:
             parts.append(file_documents(source, tokenizer, processor, placeholder, tokens))
     length, document = mixed_documents(parts, [s.weight for s in d.sources()])
@@ -312,17 +337,17 @@ def mmllm_job(config: MMLLMRecipeConfig, model: MultimodalLM | None = None, toke
     if model is None:
         model, tokenizer = build_mmllm(config)
     out = Path(config.train.out_dir) if config.train.out_dir else None
-    parts = config.trainable if config.trainable is not None else DEFAULT_TRAINABLE[config.stage]
+    parts = config.trainable if config.trainable is not None else config.default_trainable()
     if "lm" in parts:
         _reinit_tokens_the_last_stage_never_saw(model, config)  # the stage's own start: before any base answer
     base_text = _base_text_answers(config, model, tokenizer, out)
-    trainable = set_trainable(model, parts, config.lora)
+    trainable = set_trainable(model, parts, config.lora, config.part_names())
     total = sum(p.numel() for p in model.parameters())
     lora = ""
     if config.lora.rank and "lm" in parts:
         where = " at image positions only" if config.lora.image_tokens_only else ""
         lora = f", LoRA rank {config.lora.rank} on {list(config.lora.targets)}{where}"
-    print(f"mmllm stage {config.stage!r}: training {trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters "
+    print(f"{config.recipe} stage {config.stage!r}: training {trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters "
           f"({', '.join(parts)}{lora}); {model.image_tokens} tokens per image")
     batches = make_batches(config, model, tokenizer, base_text.get("replay", ()))
     seen = SeenTokens(model.config.lm.vocab_size) if "lm" in parts and not config.lora.rank else None

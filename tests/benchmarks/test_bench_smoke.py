@@ -270,3 +270,17 @@ def test_tokenizer_ceiling_probe_scores_reconstructions(tmp_path):
     run_recipe("configs/image_vq/tiny.yaml", [f"train.out_dir={tmp_path / 'vq'}", "train.steps=2", "eval_n=0"])
     out = probe_tokenizer_ceiling.main([str(tmp_path / "vq" / "final"), "--n", "2"])
     assert set(out) == {1, 2} and all(0.0 <= v <= 1.0 for column in out.values() for v in column.values())
+
+
+def test_dit_profile_probe_sorts_kernels_into_families_and_sums_them():
+    import probe_dit_profile
+
+    assert probe_dit_profile.family_of("aten::addmm") == "matmul"
+    assert probe_dit_profile.family_of("aten::gelu_backward") == "gelu"
+    assert probe_dit_profile.family_of("aten::layer_norm") == "other"
+    result = probe_dit_profile.main(["--quick", "--threads", "1"])
+    for name in ("polymodal", "diffusers"):
+        parts = result[name]
+        assert parts["total"] == pytest.approx(sum(v for k, v in parts.items() if k != "total"))
+        assert parts["matmul"] > 0 and parts["total"] > 0
+    assert result["ratio_profiled"] == pytest.approx(result["diffusers"]["total"] / result["polymodal"]["total"])

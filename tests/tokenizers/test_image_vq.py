@@ -9,10 +9,16 @@ import torch
 
 from polymodal.api import load
 from polymodal.checkpoint import save_checkpoint
-from polymodal.errors import ConfigError
+from polymodal.errors import ConfigError, UsageError
 from polymodal.eval.image_tokenizer import evaluate_tokenizer
 from polymodal.tokenizers.image_vq import ImageVQ, ImageVQConfig, image_vq_tiny
-from polymodal.tokenizers.image_vq_losses import ImageVQLossConfig, ImageVQObjective
+from polymodal.generators.vae_losses import reconstruction_loss
+from polymodal.tokenizers.image_vq_losses import (
+    ImageVQLossConfig,
+    ImageVQObjective,
+    foreground_weights,
+    weighted_reconstruction_loss,
+)
 
 FSQ = dict(quantizer="fsq", fsq_levels=(4, 3, 3), embed_dim=3, codebook_size=36)
 
@@ -22,8 +28,8 @@ def _model(**changes) -> ImageVQ:
     return ImageVQ(dataclasses.replace(image_vq_tiny(), **changes))
 
 
-def _pixels(*shape) -> torch.Tensor:
-    return torch.rand(*shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+def _pixels(*shape, seed: int = 0) -> torch.Tensor:
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 @pytest.mark.parametrize("changes", [{}, FSQ], ids=["vq", "fsq"])
@@ -126,3 +132,45 @@ def test_the_objective_adds_the_discriminator_after_disc_start():
     after = objective(model, pixels)
     assert after["discriminator"].item() > 0.0
     assert not torch.allclose(after["model"], before["model"])
+
+
+def test_foreground_weights_mark_pixels_far_from_the_median_color():
+    pixels = torch.full((2, 3, 8, 8), -0.5)
+    pixels[0, :, 2:4, 2:4] = torch.tensor([0.9, -0.9, 0.2])[:, None, None]  # a 2x2 object on image 0
+    pixels[1, 1, 5, 5] = -0.45  # within the threshold of the background
+    weights = foreground_weights(pixels, weight=4.0, threshold=0.1)
+    assert weights.shape == (2, 1, 8, 8)
+    expected = torch.ones(2, 1, 8, 8)
+    expected[0, 0, 2:4, 2:4] = 5.0
+    assert torch.equal(weights, expected)
+
+
+def test_weighted_reconstruction_equals_the_plain_loss_under_uniform_weights_and_favours_weighted_pixels():
+    target = _pixels(2, 3, 8, 8)
+    reconstruction = target + 0.1 * _pixels(2, 3, 8, 8, seed=1)
+    for kind in ("l1", "l2"):
+        uniform = weighted_reconstruction_loss(reconstruction, target, kind, torch.full((2, 1, 8, 8), 3.0))
+        assert torch.allclose(uniform, reconstruction_loss(reconstruction, target, kind))
+    weights = torch.ones(2, 1, 8, 8)
+    weights[:, :, 0, 0] = 10.0
+    wrong_corner = target.clone()
+    wrong_corner[:, :, 0, 0] += 1.0
+    wrong_elsewhere = target.clone()
+    wrong_elsewhere[:, :, 7, 7] += 1.0
+    assert weighted_reconstruction_loss(wrong_corner, target, "l2", weights) > \
+        weighted_reconstruction_loss(wrong_elsewhere, target, "l2", weights)
+    with pytest.raises(UsageError, match="reconstruction loss"):
+        weighted_reconstruction_loss(reconstruction, target, "l3", weights)
+
+
+def test_the_objective_uses_foreground_weights_when_asked():
+    model = _model()
+    pixels = _pixels(2, 3, 16, 16)
+    plain = ImageVQObjective(ImageVQLossConfig())(model, pixels)
+    weighted = ImageVQObjective(ImageVQLossConfig(foreground_weight=5.0, foreground_threshold=0.5))(model, pixels)
+    out = model(pixels)
+    weights = foreground_weights(pixels, 5.0, 0.5)
+    expected = weighted_reconstruction_loss(out.reconstruction, pixels, "l2", weights) + out.quantizer_loss
+    assert torch.allclose(weighted, expected) and not torch.allclose(weighted, plain)
+    with pytest.raises(ConfigError, match="foreground_weight"):
+        ImageVQLossConfig(foreground_weight=-1.0)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import secrets
 import threading
@@ -54,10 +55,8 @@ class Job:
 
     def emit(self, event: tuple) -> None:
         """Deliver an event to the job's asyncio queue (safe from any thread)."""
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            pass
 
     def cancel(self) -> None:
         """Stop the job: it is dropped from the queue or leaves the batch before the next step."""

@@ -53,7 +53,7 @@ def test_meter_measures_flops_per_token_on_the_first_batch():
     assert meter.flops_per_unit == 3 * 2 * 8 * 4  # measured once
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="peak CUDA memory needs a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="peak CUDA memory needs a CUDA device (CI has none)")
 def test_memory_report_gives_each_ranks_peak_on_cuda(tmp_path):
     import torch.distributed as dist
 

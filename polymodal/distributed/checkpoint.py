@@ -13,7 +13,9 @@ single-process run's checkpoints):
     trainer_state.json/.safetensors   as `polymodal.train.state` writes them (rank 0): step,
                               losses, schedulers, data position (global: the same on every
                               rank), extra state, the optimizers' hyper-parameters, and the RNG
-                              state of every rank
+                              state of every rank; DTensors in extra state (an EMA of sharded
+                              weights) go to shards/ as "extra.<name>.<key>" instead, and the
+                              JSON names them there
     tokenizer files
 A save goes to `step-XXXXXXX.partial/` and is renamed once every rank has written (a crash
 mid-save leaves no folder that looks complete). The data position is global and the shards are
@@ -48,8 +50,9 @@ from polymodal.train.state import (
 SHARDS = "shards"
 MODEL_JSON = "model.json"
 PARTIAL = ".partial"
-MODEL_PREFIX, OPTIM_PREFIX = "model.", "optim."
+MODEL_PREFIX, OPTIM_PREFIX, EXTRA_PREFIX = "model.", "optim.", "extra."
 PLAIN = "whole"
+IN_SHARDS = "__in_shards__"  # marks where extra state holds a tensor stored in shards/
 
 
 def _options():
@@ -104,6 +107,40 @@ def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return kept
 
 
+def _sharded_extra(tree: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    """`tree` (an extra state's state_dict) with every DTensor moved into `tensors` under
+    "extra.<path>" and replaced by a marker naming that key; the rest is kept as it is."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tree, DTensor):
+        tensors[EXTRA_PREFIX + path] = tree
+        return {IN_SHARDS: EXTRA_PREFIX + path}
+    if isinstance(tree, dict):
+        return {key: _sharded_extra(value, tensors, f"{path}.{key}") for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_sharded_extra(value, tensors, f"{path}.{i}") for i, value in enumerate(tree))
+    return tree
+
+
+def _load_targets(saved: Any, live: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    """`saved` (a checkpoint's extra state) with each marker replaced by the live state's tensor at
+    the same place, which is also put into `tensors` for DCP to load into (a DTensor loads its
+    shard, a plain tensor the whole, whatever the world size that saved it)."""
+    if isinstance(saved, dict) and set(saved) == {IN_SHARDS}:
+        if not isinstance(live, torch.Tensor):
+            raise CheckpointError(f"the checkpoint stores {where} in shards, but this run holds no tensor there")
+        tensors[saved[IN_SHARDS]] = live
+        return live
+    if isinstance(saved, dict):
+        held = live if isinstance(live, dict) else {}
+        return {key: _load_targets(value, held.get(key), tensors, f"{where}.{key}") for key, value in saved.items()}
+    if isinstance(saved, (list, tuple)):
+        held = live if isinstance(live, (list, tuple)) and len(live) == len(saved) else [None] * len(saved)
+        return type(saved)(_load_targets(value, other, tensors, f"{where}.{i}")
+                           for i, (value, other) in enumerate(zip(saved, held)))
+    return saved
+
+
 def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -152,6 +189,7 @@ class DistributedCheckpointer:
             (tmp / SHARDS).mkdir(parents=True)
         _barrier()
         tensors, plain = _sharded_state(model, optimizations)
+        extra = {name: _sharded_extra(value, tensors, name) for name, value in snapshot.extra.items()}
         dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True),
                  no_dist=not dist.is_initialized())
         rngs = [None] * world
@@ -162,7 +200,7 @@ class DistributedCheckpointer:
         if rank == 0:
             state = TrainingState(step=snapshot.step, losses=snapshot.losses, optimizers=plain,
                                   schedulers=snapshot.schedulers, rng={"world_size": world, "ranks": rngs},
-                                  data=snapshot.data, extra=snapshot.extra, config=snapshot.config)
+                                  data=snapshot.data, extra=extra, config=snapshot.config)
             save_training_state(tmp, state)
             (tmp / MODEL_JSON).write_text(json.dumps({"family": model.family, "config": config_to_dict(model.config)}),
                                           encoding="utf-8")
@@ -193,6 +231,8 @@ class DistributedCheckpointer:
             raise CheckpointError(f"{folder} holds optimizers {sorted(saved.optimizers)} and extra state "
                                   f"{sorted(saved.extra)}; this run has {sorted(optimizations)} and {sorted(extra)}")
         tensors, _ = _sharded_state(model, optimizations)
+        states = {name: _load_targets(saved.extra[name], value.state_dict(), tensors, f"extra state {name!r}")
+                  for name, value in extra.items()}
         try:
             dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(folder / SHARDS)),
                      no_dist=not dist.is_initialized())
@@ -213,7 +253,7 @@ class DistributedCheckpointer:
             if o.scheduler is not None:
                 o.scheduler.load_state_dict(saved.schedulers[name])
         for name, value in extra.items():
-            value.load_state_dict(saved.extra[name])
+            value.load_state_dict(states[name])
         rank, world = _rank_world()
         if saved.rng["world_size"] == world:
             restore_rng(saved.rng["ranks"][rank])

@@ -16,7 +16,9 @@ Order, per block first and then the whole model:
    Frozen parameters (a frozen vision tower or VAE) are left out of FSDP and kept whole on every
    rank (`frozen="replicate"`) or sharded without gradients (`frozen="shard"`). Scalar
    parameters (CLIP's logit scale), which FSDP2 cannot shard, stay whole on every rank with
-   their gradients averaged by a hook.
+   their gradients averaged by a hook. Model methods that objectives call before or instead of
+   the forward (`FORWARD_METHODS`: a diffusion model's `encode_text`) gather the root's weights
+   as the forward does.
 
 A "block" is an element of a module list: the repeated transformer blocks of the LM and the
 towers (`TransformerStack.layers`), the DiT blocks, the U-Net stages. Only the outermost lists
@@ -24,6 +26,7 @@ count, so a block is never wrapped inside another block.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Callable
 
@@ -36,6 +39,12 @@ from polymodal.distributed.env import World
 from polymodal.errors import ConfigError
 
 ContextParallel = Callable[[nn.Module, World], nn.Module]
+# Methods an objective may call before the model's forward, or without it: FSDP2 gathers the
+# root's weights (embeddings, heads, norms) only around a forward, so these count as forwards.
+FORWARD_METHODS = ("encode_text", "from_pixels")
+# False while `set_gradient_sync(model, False)`: the gradient hooks of replicated parameters
+# (scalars, side modules) leave gradients on their rank, as FSDP2 does for its units.
+_hooks_sync = True
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
@@ -143,7 +152,7 @@ def _data_parallel(model: nn.Module, config: ParallelConfig, world: World, shard
     synchronise them, and a rank that built or loaded different weights would silently train a
     different model."""
     from torch.distributed._composable.replicate_with_fsdp import replicate
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     wrap = fully_shard if shard else replicate
     # FSDP2 warns for every unit returning a view, in case the caller modifies it in place; the
@@ -162,6 +171,9 @@ def _data_parallel(model: nn.Module, config: ParallelConfig, world: World, shard
         if params and not params <= ignored:
             wrap(unit, mp_policy=policy, ignored_params=ignored & params or None)
     wrap(model, mp_policy=policy, ignored_params=ignored or None)
+    for name in FORWARD_METHODS:
+        if callable(getattr(model, name, None)):
+            register_fsdp_forward_method(model, name)
     return model
 
 
@@ -186,9 +198,56 @@ def _broadcast(module: nn.Module) -> None:
 
 def _average_gradient(param: torch.Tensor) -> None:
     """Average a replicated parameter's gradient over ranks, as FSDP does for the ones it shards
-    (SUM then divide: gloo has no AVG)."""
+    (SUM then divide: gloo has no AVG); skipped while gradient sync is off (the last micro-batch
+    averages the accumulated sum)."""
+    if not _hooks_sync:
+        return
     dist.all_reduce(param.grad)
     param.grad.div_(dist.get_world_size())
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Whether the next backwards reduce gradients over the ranks (DDP's `no_sync`, inverted): off,
+    each rank accumulates its micro-batches' gradients locally; the first backward with it on
+    reduces the accumulated sum. Sets FSDP2's `set_requires_gradient_sync` on every unit of
+    `model` and the same switch for the hook-averaged parameters (`average_gradients`, scalars);
+    for a model FSDP2 does not manage only the latter (a no-op without a process group)."""
+    global _hooks_sync
+    _hooks_sync = enabled
+    if is_sharded(model):
+        model.set_requires_gradient_sync(enabled)
+
+
+def full_state_dict(model: nn.Module, *, main_only: bool = False) -> dict[str, torch.Tensor]:
+    """`model.state_dict()` with whole tensors: DTensors (FSDP2's sharded or replicated weights)
+    are gathered. Collective when any is a DTensor: every rank calls it. main_only: only rank 0
+    keeps the gathered tensors, on the CPU (the other ranks get {}, holding one whole tensor at a
+    time, never the whole model)."""
+    from torch.distributed.tensor import DTensor
+
+    keep = not main_only or not dist.is_initialized() or dist.get_rank() == 0
+    full = {}
+    for name, value in model.state_dict().items():
+        whole = value.full_tensor() if isinstance(value, DTensor) else value
+        if keep:
+            full[name] = whole.cpu() if main_only else whole
+    return full
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A plain single-device copy of `model` with its whole weights (for sampling during or after
+    training): a deep copy, or for a model FSDP2 manages, a fresh build of its family and config
+    loaded with the gathered weights (a copy would carry the sharding). Collective then: every
+    rank calls it and gets the copy."""
+    if not is_sharded(model):
+        return copy.deepcopy(model)
+    from polymodal.checkpoint import load_state_dict_checked
+    from polymodal.models.registry import family_of
+
+    device = next(model.parameters()).device
+    plain = family_of(model).build(model.config).to(device)
+    load_state_dict_checked(plain, full_state_dict(model), source="the gathered FSDP2 weights")
+    return plain
 
 
 def is_sharded(model: nn.Module) -> bool:

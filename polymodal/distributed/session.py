@@ -27,7 +27,6 @@ import torch.nn as nn
 
 from polymodal.distributed.config import ParallelConfig
 from polymodal.distributed.env import World, close_process_group, init_process_group, launched_by_torchrun
-from polymodal.errors import ConfigError
 from polymodal.train.ema import EMA
 
 
@@ -63,7 +62,6 @@ class Session:
             if not self.config.wraps_blocks:
                 return job
             return dataclasses.replace(job, parallelize=self._parallelize_fn(job))
-        self._check(job)
         from polymodal.distributed.metrics import ThroughputMeter
         from polymodal.distributed.sharding import GlobalBatchObjective, shard_stream
 
@@ -87,23 +85,26 @@ class Session:
         return DistributedCheckpointer(self.seed)
 
     def final_model(self, job) -> nn.Module | None:
-        """The model to save as final/ and evaluate: the recipe's final model, gathered into a plain
-        module on rank 0 when FSDP sharded it; None on the other ranks. Collective."""
+        """The model to save as final/ and evaluate: the recipe's final model (LoRA merged, the EMA
+        weights copied in), gathered into a plain module on rank 0 when FSDP2 manages it; None on
+        the other ranks. Collective.
+
+        The recipe's `final_model` runs on every rank, after every FSDP2 unit has gathered its
+        whole weights and kept them: merging LoRA then folds whole tensors and replaces modules
+        as on one device, and an EMA gathers its averages into a plain copy."""
         if self.world is None:
             return job.final_model() if job.final_model is not None else job.model
-        from polymodal.distributed.parallelize import gather_in_place, is_sharded
+        from polymodal.distributed.parallelize import full_state_dict, gather_in_place, is_sharded
 
         if job.final_model is not None and is_sharded(job.model):
             gather_in_place(job.model)
         model = job.final_model() if job.final_model is not None else job.model
         if not is_sharded(model):
             return model if self.is_main else None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         from polymodal.checkpoint import load_state_dict_checked
         from polymodal.models.registry import family_of
 
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = full_state_dict(model, main_only=True)
         if not self.is_main:
             return None
         plain = family_of(model).build(model.config)
@@ -129,7 +130,8 @@ class Session:
 
     def _parallelize_fn(self, job):
         """parallelize(model) for `train`: the recipe's own hook first, then this session's; trainable
-        modules in the job's extra state (a VAE's discriminator) get their gradients averaged."""
+        modules in the job's extra state (a VAE's discriminator) get their gradients averaged, and
+        an EMA of the weights follows their layout."""
         from polymodal.distributed.parallelize import average_gradients, parallelize
 
         def apply(model: nn.Module) -> nn.Module:
@@ -138,23 +140,15 @@ class Session:
             if self.world is not None:
                 for module in _trainable_state_modules(job):
                     average_gradients(module)
-            return parallelize(model, self.config, self.world)
+            model = parallelize(model, self.config, self.world)
+            # An EMA of the weights takes their new (DTensor) layout before a checkpoint is
+            # restored into it, so it resumes, updates and saves shard by shard.
+            for value in job.state.values():
+                if isinstance(value, EMA):
+                    value.match_layout()
+            return model
 
         return apply
-
-    def _check(self, job) -> None:
-        """Refuse, before training, what FSDP2-managed (ddp/fsdp) weights cannot do correctly yet."""
-        if self.strategy == "none":
-            return
-        for name, value in job.state.items():
-            if isinstance(value, EMA):
-                raise ConfigError(f"the recipe keeps an EMA of the weights ({name!r}); multi-process runs cannot "
-                                  "update it from sharded or replicated (DTensor) weights yet: train it on one process")
-        from polymodal.nn.lora import LoRALinear
-
-        if any(isinstance(m, LoRALinear) for m in job.model.modules()):
-            raise ConfigError("LoRA adapters are merged into the final model by replacing modules, which FSDP2-managed "
-                              "weights do not allow yet: run LoRA tuning on one process")
 
 
 def _trainable_state_modules(job) -> list[nn.Module]:

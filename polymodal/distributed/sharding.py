@@ -7,7 +7,9 @@ the global batch at each position; `shard_stream` makes each rank build only its
   ranks read disjoint items that cover the data set once per epoch (a distributed sampler);
 - `IndexedBatches` (the shapes-world streams, `PairBatches`): batch i is split by rows, rank r
   keeping the r-th of `world` equal parts (the rows must divide evenly: contrastive losses need
-  the same local batch on every rank).
+  the same local batch on every rank). A batch_fn that can build one rank's share itself says so
+  with `for_rank(rank, world)` -> the rank's batch_fn (the unified recipe packs only its own
+  documents of batch i: a packed row mixes documents, so rows do not split the global batch).
 The stream's position stays the global position, identical on every rank, so the one saved
 `data` state resumes every rank exactly, at the same or at another world size.
 
@@ -60,8 +62,9 @@ def shard_stream(data: Any, rank: int, world: int) -> Any:
     """Make `data` yield this rank's share of each global batch (in place; returns it).
 
     ShuffledBatches: items dealt `indices[rank::world]`; the global batch size must be at least
-    `world`. IndexedBatches: rows split evenly. Anything else is refused: an arbitrary iterable
-    cannot be split without reading everything on every rank.
+    `world`. IndexedBatches: the batch_fn's own `for_rank(rank, world)` when it has one, else rows
+    split evenly. Anything else is refused: an arbitrary iterable cannot be split without reading
+    everything on every rank.
     """
     if world == 1:
         return data
@@ -72,7 +75,8 @@ def shard_stream(data: Any, rank: int, world: int) -> Any:
         data.collate = RankItems(data.collate, rank, world)
         return data
     if isinstance(data, IndexedBatches):
-        data.batch_fn = RankRows(data.batch_fn, rank, world)
+        for_rank = getattr(data.batch_fn, "for_rank", None)
+        data.batch_fn = for_rank(rank, world) if callable(for_rank) else RankRows(data.batch_fn, rank, world)
         return data
     raise UsageError(f"training data of type {type(data).__name__} cannot be sharded across {world} processes; "
                      "give the recipe a ShuffledBatches or IndexedBatches stream (polymodal.train.data)")

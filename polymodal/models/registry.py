@@ -195,6 +195,7 @@ BUILTIN_FAMILY_MODULES = (
     "polymodal.models.unified",
     "polymodal.models.cogvlm",
     "polymodal.models.flamingo",
+    "polymodal.models.blip",
 )
 
 

@@ -21,7 +21,6 @@ DIR/samples.png, and with `eval_n` > 0, the exact-scorer evaluation in DIR/eval.
 """
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,8 @@ from polymodal.atomic import write_text_atomic
 from polymodal.data.dual_encoder import scene_pixels
 from polymodal.data.world.objects import COLORS, SHAPES
 from polymodal.data.world.text import captions_of, check_caption_styles
+from polymodal.distributed.env import current_world
+from polymodal.distributed.parallelize import is_sharded, plain_copy
 from polymodal.errors import ConfigError
 from polymodal.models.diffusion import DiffusionConfig, DiffusionModel, LatentDiffusionConfig, LatentDiffusionModel
 from polymodal.recipes.runner import TrainingJob
@@ -194,12 +195,16 @@ def _job(config: DiffusionRecipeConfig, model: DiffusionModel, tokenizer, batche
     state = {"ema": ema} if ema is not None else {}
 
     def averaged() -> DiffusionModel:
-        return ema.copy_to(copy.deepcopy(model)) if ema is not None else model
+        # plain_copy: a model FSDP2 shards is rebuilt whole (collective), a plain one deep-copied.
+        return ema.copy_to(plain_copy(model)) if ema is not None else model
 
     def grid(context: StepContext) -> None:
         if context.out_dir is not None:
-            save_sample_grid(averaged(), tokenizer, context.out_dir / "samples" / f"step-{context.step:07d}.png",
-                             config)
+            # Every rank: gathering FSDP2-managed weights is collective; a plain model samples as it is.
+            sampler = averaged() if ema is not None else plain_copy(model) if is_sharded(model) else model
+            if current_world()[0] == 0:
+                save_sample_grid(sampler, tokenizer, context.out_dir / "samples" / f"step-{context.step:07d}.png",
+                                 config)
 
     callbacks = [ema] if ema is not None else []
     if config.sample_every:

@@ -180,7 +180,10 @@ class WorldDocuments:
 
     Document j of batch i uses train scene (i * docs_per_batch + j) mod num_scenes; its kind,
     caption variant, question and condition dropout are drawn from a generator seeded by (seed, i),
-    so batch i is a pure function of i (resumable)."""
+    so batch i is a pure function of i (resumable). On several processes (`for_rank`) rank r packs
+    documents j = r, r + world, ... of the batch."""
+
+    rank, world = 0, 1
 
     def __init__(self, model: UnifiedModel, tokenizer, data: UnifiedDataConfig, seed: int):
         from tqdm.auto import tqdm
@@ -230,8 +233,17 @@ class WorldDocuments:
         rng = np.random.default_rng((self.seed, index))
         per = self.data.docs_per_batch
         kinds = rng.choice(len(self.kinds), size=per, p=self.weights)
+        # Every document is drawn, in order, so each one's draws do not depend on the world size.
         docs = [self.document(self.kinds[k], (index * per + j) % len(self.scenes), rng) for j, k in enumerate(kinds)]
-        return pack_documents(docs, self.data.max_tokens, truncate=True)
+        return pack_documents(docs[self.rank::self.world], self.data.max_tokens, truncate=True)
+
+    def for_rank(self, rank: int, world: int) -> WorldDocuments:
+        """This batch_fn making rank `rank`'s share of each batch (`polymodal.distributed.sharding`)."""
+        if self.data.docs_per_batch < world:
+            raise ConfigError(f"data.docs_per_batch {self.data.docs_per_batch} is fewer than the {world} processes; "
+                              "raise it")
+        self.rank, self.world = rank, world
+        return self
 
 
 def _span_segment(span: torch.Tensor, trained: bool) -> Segment:

@@ -4,7 +4,8 @@ An objective returns a scalar loss, which every optimizer steps on, or a dict {o
 loss} when several optimizers each minimise their own loss (a VAE and its discriminator): each
 loss then back-propagates into its own optimizer's parameters only (`backward(inputs=...)`), so
 the generator's adversarial term never moves the discriminator. Nothing is updated when any loss
-or gradient norm is NaN/inf.
+or gradient norm is NaN/inf. On several processes only the last micro-batch's backward reduces
+gradients over the ranks (the earlier ones accumulate locally: `set_gradient_sync`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from polymodal.distributed.parallelize import set_gradient_sync
 from polymodal.errors import TrainingStopped
 from polymodal.train.optim import Optimization
 
@@ -58,26 +60,32 @@ def run_step(model, batches: Iterator, objective: Callable, optimizations: dict[
     lr = optimizations[names[0]].optimizer.param_groups[0]["lr"]
     micro_losses: list[torch.Tensor] = []  # (len(names),) per micro-batch
     amount, unit = 0, "steps/s"
-    for micro in range(grad_accum):
-        try:
-            batch = next(batches)
-        except StopIteration:
-            raise RuntimeError(f"data ran out at step {step}, micro-batch {micro}; pass an endless stream "
-                               "(IndexedBatches, ShuffledBatches) or fewer steps") from None
-        if tokens_in_batch is not None:
-            amount, unit = amount + int(tokens_in_batch(batch)), "tokens/s"
-        elif (samples := batch_size(batch)) is not None:
-            amount, unit = amount + samples, "samples/s"
-        with autocast:
-            losses = _as_loss_dict(objective(model, move(batch)), names, step)
-        # Scaling each micro-batch by 1/grad_accum makes the summed gradient that of the mean loss.
-        if "" in losses:
-            (losses[""] / grad_accum).backward()
-        else:
-            for i, name in enumerate(names):
-                (losses[name] / grad_accum).backward(inputs=params[name], retain_graph=i < len(names) - 1)
-        micro_losses.append(torch.stack([value.detach().float() for value in losses.values()]))
-        parts = list(losses)
+    try:
+        for micro in range(grad_accum):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise RuntimeError(f"data ran out at step {step}, micro-batch {micro}; pass an endless stream "
+                                   "(IndexedBatches, ShuffledBatches) or fewer steps") from None
+            if tokens_in_batch is not None:
+                amount, unit = amount + int(tokens_in_batch(batch)), "tokens/s"
+            elif (samples := batch_size(batch)) is not None:
+                amount, unit = amount + samples, "samples/s"
+            # Reducing the gradient sum once, after the last micro-batch, gives the same mean as
+            # reducing each micro-batch's, for 1/grad_accum of the communication.
+            set_gradient_sync(model, micro == grad_accum - 1)
+            with autocast:
+                losses = _as_loss_dict(objective(model, move(batch)), names, step)
+            # Scaling each micro-batch by 1/grad_accum makes the summed gradient that of the mean loss.
+            if "" in losses:
+                (losses[""] / grad_accum).backward()
+            else:
+                for i, name in enumerate(names):
+                    (losses[name] / grad_accum).backward(inputs=params[name], retain_graph=i < len(names) - 1)
+            micro_losses.append(torch.stack([value.detach().float() for value in losses.values()]))
+            parts = list(losses)
+    finally:
+        set_gradient_sync(model, True)  # a step cut short must not leave later backwards unreduced
     stacked = torch.stack(micro_losses)  # (grad_accum, losses)
     norms = torch.stack([_grad_norm(params[name], max_grad_norm) for name in names])  # (optimizers,)
     # One host sync per step checks every loss and gradient norm.

@@ -5,14 +5,20 @@ timestep/class embedder copied into every block as DiT checkpoints hold it), sav
 folder, and ours is loaded from that folder with `polymodal.load`; the two outputs are checked to
 agree before timing. Training steps (forward, MSE loss against a fixed target, backward, AdamW)
 and inference forwards run interleaved; the medians are reported as images/s with the ratio
-polymodal / diffusers. float32 on CPU.
+polymodal / diffusers. float32 on CPU. `--compile` compiles every block of both models
+(`torch.compile`, inductor) first.
+
+The training section also times the step's floor: the same matrix products (every linear layer
+at the shapes the forward gives it, forward and backward) and the same attention calls (SDPA,
+forward and backward) with nothing else. diffusers' step time over the floor is the most any
+implementation of these FLOPs could gain over diffusers here.
 
 Sampling (`--sampling`): class-conditional images from the same DiT and a small KL autoencoder,
 DDIM with classifier-free guidance for `--steps` steps, then decoding: diffusers' `DiTPipeline`
 against `polymodal.infer.images.generate_tensors` on a `latent_diffusion` model holding the same
 two networks (loaded from the same folders), images/s and the ratio.
 
-    python benchmarks/bench_dit.py --threads 2 [--iters 6] [--json out.json]
+    python benchmarks/bench_dit.py --threads 2 [--iters 6] [--compile] [--json out.json]
     python benchmarks/bench_dit.py --sampling --threads 2 [--steps 50] [--batch 8]
 """
 from __future__ import annotations
@@ -22,6 +28,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -122,11 +129,43 @@ def make_batch(model: DiT, batch: int, seed: int = 0) -> dict:
             "target": torch.randn(batch, c.out_channels, c.sample_size, c.sample_size, generator=g)}
 
 
-def bench(kwargs: dict, batch: int, warmup: int, iters: int) -> dict:
-    """Training and inference images/s of both models; outputs are checked to agree first."""
+def floor_step(model: DiT, inputs: tuple) -> Callable[[], None]:
+    """A step of only `model`'s matrix products and attention: every nn.Linear's forward at the
+    input shape one forward of `model(*inputs)` gives it, each block's self-attention through SDPA
+    at (B, heads, N, head_dim), then one backward through all of them (input and weight
+    gradients, as training needs)."""
+    shapes: list[tuple[torch.nn.Linear, torch.Size]] = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: shapes.append((mod, args[0].shape)))
+             for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        model(*inputs)
+    for hook in hooks:
+        hook.remove()
+    c, batch = model.config, inputs[0].shape[0]
+    tokens = (c.sample_size // c.patch_size) ** 2
+    head_dim = c.hidden_size // c.num_heads
+    xs = [torch.randn(shape, requires_grad=True) for _, shape in shapes]
+    qkvs = [[torch.randn(batch, c.num_heads, tokens, head_dim, requires_grad=True) for _ in range(3)]
+            for _ in model.blocks]
+
+    def step():
+        outs = [F.linear(x, mod.weight, mod.bias) for (mod, _), x in zip(shapes, xs)]
+        outs += [F.scaled_dot_product_attention(q, k, v) for q, k, v in qkvs]
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    return step
+
+
+def bench(kwargs: dict, batch: int, warmup: int, iters: int, compile_blocks: bool = False) -> dict:
+    """Training and inference images/s of both models (every block compiled with
+    `compile_blocks`) and the training step's matmul + attention floor; outputs are checked to
+    agree first."""
     ours, theirs = build_pair(kwargs)
     data = make_batch(ours, batch)
     inputs = (data["latents"], data["timesteps"], data["class_labels"])
+    floor = floor_step(ours, inputs)  # before compiling: a compiled block hides its layers from hooks
+    if compile_blocks:
+        for block in [*ours.blocks, *theirs.transformer_blocks]:
+            block.compile()
 
     def run_ours():
         return ours(*inputs)
@@ -152,17 +191,20 @@ def bench(kwargs: dict, batch: int, warmup: int, iters: int) -> dict:
     # Train mode throughout the timed steps; diffusers' label embedder then drops 10% of the labels
     # (its built-in classifier-free-guidance dropout), which changes no amount of work.
     ours.train(), theirs.train()
-    train = time_interleaved({"polymodal": stepper(ours, run_ours), "diffusers": stepper(theirs, run_theirs)},
-                             warmup, iters)
+    train = time_interleaved({"polymodal": stepper(ours, run_ours), "diffusers": stepper(theirs, run_theirs),
+                              "floor": floor}, warmup, iters)
     ours.eval(), theirs.eval()
     with torch.no_grad():
         infer = time_interleaved({"polymodal": run_ours, "diffusers": run_theirs}, warmup, iters)
     result = {"batch": batch, "max_abs_diff": diff, "params": sum(p.numel() for p in ours.parameters()),
-              "config": kwargs}
+              "config": kwargs, "compile": compile_blocks,
+              "floor": {"step_s": train["floor"].median,
+                        "diffusers_over_floor": train["diffusers"].median / train["floor"].median}}
     for section, times in (("train", train), ("inference", infer)):
         result[section] = {name: {"step_s": t.median, "step_s_best": t.best, "cpu_s": t.cpu_median,
                                   "images_per_s": batch / t.median, "images_per_s_best": batch / t.best,
-                                  "images_per_cpu_s": batch / t.cpu_median} for name, t in times.items()}
+                                  "images_per_cpu_s": batch / t.cpu_median}
+                           for name, t in times.items() if name != "floor"}
         result[section]["ratio"] = {"median": times["diffusers"].median / times["polymodal"].median,
                                     "best": times["diffusers"].best / times["polymodal"].best,
                                     "cpu": times["diffusers"].cpu_median / times["polymodal"].cpu_median}
@@ -180,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; 1 is steadier on a busy host")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--sampling", action="store_true", help="compare sampling with diffusers' DiTPipeline")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every block of both models first")
     parser.add_argument("--steps", type=int, default=50, help="--sampling: DDIM steps (default 50)")
     parser.add_argument("--guidance", type=float, default=4.0, help="--sampling: guidance scale (default 4)")
     args = parser.parse_args(argv)
@@ -202,7 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  ratio      {ratio['median']:8.2f} {ratio['best']:8.2f} {ratio['cpu']:8.2f}")
         save_json(result, args.json)
         return result
-    result = bench(diffusers_kwargs(args.quick, args.width, args.depth), batch, warmup=1 if args.quick else 2, iters=iters)
+    result = bench(diffusers_kwargs(args.quick, args.width, args.depth), batch, warmup=1 if args.quick else 2, iters=iters,
+                   compile_blocks=args.compile)
     result["machine"] = machine_info("cpu")
     result["machine"]["load_average_1m_end"] = os.getloadavg()[0]
     result["command"] = " ".join(["python"] + sys.argv)
@@ -218,6 +262,10 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{r['images_per_cpu_s']:>15.2f}")
         ratio = result[section]["ratio"]
         print(f"{section + ' ratio':22}{ratio['median']:>20.2f}{ratio['best']:>18.2f}{ratio['cpu']:>15.2f}")
+    floor = result["floor"]
+    print(f"train floor (the same matmuls + attention alone): {floor['step_s']:.3f} s/step, "
+          f"{batch / floor['step_s']:.2f} images/s; diffusers / floor {floor['diffusers_over_floor']:.2f} "
+          "(the most any implementation of these FLOPs could gain)")
     save_json(result, args.json)
     return result
 

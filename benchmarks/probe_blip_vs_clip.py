@@ -4,10 +4,12 @@ Trains configs/clip/world.yaml and configs/fusion/blip_world.yaml side by side (
 one thread each, so they share the machine alike), each for the step count its measured speed
 fits into --minutes, then evaluates both on the same --n test scenes with their detailed captions
 (the `clip` family's retrieval set) and prints text->image R@1 for each, plus BLIP's ITM-reranked
-R@1, ITM accuracy and captioning CIDEr, with the training wall times. The step counts are
-arguments, so a run can be repeated exactly; --probe-steps measures the speeds first.
+R@1, ITM accuracy and captioning CIDEr, with the training wall times (compare them: equal time
+is the premise). The step counts are arguments, so a run can be repeated exactly; choose them
+from a short run of each (metrics.jsonl's "elapsed") on the machine at hand. The defaults fill
+about 16 minutes each on a quiet 2-core EPYC.
 
-Usage: python benchmarks/probe_blip_vs_clip.py --out runs/blip-vs-clip [--clip-steps 1300 --blip-steps 650] [--n 1000]
+Usage: python benchmarks/probe_blip_vs_clip.py --out runs/blip-vs-clip [--clip-steps 1750 --blip-steps 1400] [--n 1000]
 """
 from __future__ import annotations
 
@@ -54,8 +56,8 @@ def evaluate_both(out: Path, n: int) -> dict[str, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--clip-steps", type=int, default=1300)
-    parser.add_argument("--blip-steps", type=int, default=650)
+    parser.add_argument("--clip-steps", type=int, default=1750)
+    parser.add_argument("--blip-steps", type=int, default=1400)
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--eval-only", action="store_true", help="evaluate checkpoints already in --out")
     args = parser.parse_args()

@@ -107,6 +107,22 @@ def _sides(cfg: dict, names, source: str) -> tuple[bool, bool]:
     return retrieval, captioning
 
 
+def blip_vision_config(v: dict, source: str, *, post_norm: str, pool: str) -> ViTConfig:
+    """Our `ViTConfig` of a transformers BLIP or BLIP-2 `vision_config` dict `v`: BLIP's ViT (a
+    class token, no pre-norm, a biased patch embedding). BLIP normalises every output token and
+    pools the class token (post_norm="all", pool="cls"); BLIP-2's Q-Former reads the last
+    layer's tokens as they are ("none", "none"). `source` names the file in errors."""
+    if v["hidden_act"] not in _ACTS:
+        raise ValueError(f"{source}: vision_config.hidden_act {v['hidden_act']!r} is not supported; "
+                         f"supported: {sorted(_ACTS)}")
+    return build_config(ViTConfig, dict(
+        image_size=v["image_size"], patch_size=v["patch_size"], hidden_size=v["hidden_size"],
+        num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
+        act=_ACTS[v["hidden_act"]], norm_eps=v["layer_norm_eps"], class_token=True, pre_norm=False,
+        post_norm=post_norm, pool=pool, patch_bias=True,
+    ), f"{source} (vision_config)", _KEYS)
+
+
 def blip_config_from_hf(cfg: dict, names, source: str = "config.json") -> BlipConfig:
     """Translate an HF BlipConfig dict (and the folder's tensor `names`) into a `BlipConfig`."""
     retrieval, captioning = _sides(cfg, names, source)
@@ -119,12 +135,7 @@ def blip_config_from_hf(cfg: dict, names, source: str = "config.json") -> BlipCo
         raise ValueError(f"{source}: text_config.is_decoder false builds no cross-attention; BLIP needs it")
     if captioning and not (t["tie_word_embeddings"] and cfg.get("tie_word_embeddings", True)):
         raise ValueError(f"{source}: tie_word_embeddings false (an untied caption head) is not supported")
-    vision = build_config(ViTConfig, dict(
-        image_size=v["image_size"], patch_size=v["patch_size"], hidden_size=v["hidden_size"],
-        num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
-        act=_ACTS[v["hidden_act"]], norm_eps=v["layer_norm_eps"], class_token=True, pre_norm=False, post_norm="all",
-        pool="cls", patch_bias=True,
-    ), f"{source} (vision_config)", _KEYS)
+    vision = blip_vision_config(v, source, post_norm="all", pool="cls")
     text = build_config(MEDConfig, dict(
         vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], num_layers=t["num_hidden_layers"],
         num_heads=t["num_attention_heads"], intermediate_size=t["intermediate_size"],

@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 
 from polymodal.checkpoint import CheckpointMismatchError
-from polymodal.encoders.vit import ViTConfig
 from polymodal.interop.converters import Converter, build_config
+from polymodal.interop.hf_blip import blip_vision_config
 from polymodal.interop.hf_lm import decoder_config_from_hf, lm_state_from_hf
 from polymodal.interop.namemap import NameMap, state_from_foreign
 from polymodal.models.mmllm import MMLLMConfig
@@ -45,7 +45,6 @@ _QFORMER_DEFAULTS = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12
                          layer_norm_eps=1e-12, cross_attention_frequency=2, encoder_hidden_size=1408)
 _ACTS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh"}
 # Our config fields whose config.json key differs (for error messages).
-_VISION_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "norm_eps": "layer_norm_eps"}
 _QFORMER_KEYS = {"num_queries": "num_query_tokens", "num_layers": "num_hidden_layers",
                  "num_heads": "num_attention_heads", "cross_attention_every": "cross_attention_frequency",
                  "text_vocab_size": "vocab_size", "max_text_positions": "max_position_embeddings"}
@@ -118,12 +117,7 @@ def blip2_config_from_hf(cfg: dict, source: str = "config.json") -> MMLLMConfig:
     if q["encoder_hidden_size"] != v["hidden_size"]:
         raise ValueError(f"{source}: qformer_config.encoder_hidden_size {q['encoder_hidden_size']} != "
                          f"vision_config.hidden_size {v['hidden_size']}")
-    vision = build_config(ViTConfig, dict(
-        image_size=v["image_size"], patch_size=v["patch_size"], hidden_size=v["hidden_size"],
-        num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
-        act=_ACTS[v["hidden_act"]], norm_eps=v["layer_norm_eps"], class_token=True, pre_norm=False, post_norm="none",
-        pool="none", patch_bias=True,
-    ), f"{source} (vision_config)", _VISION_KEYS)
+    vision = blip_vision_config(v, source, post_norm="none", pool="none")
     projector = build_config(ProjectorConfig, dict(
         kind="qformer", num_queries=cfg.get("num_query_tokens", 32), num_layers=q["num_hidden_layers"],
         num_heads=q["num_attention_heads"], hidden_size=q["hidden_size"], intermediate_size=q["intermediate_size"],

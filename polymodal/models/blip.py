@@ -15,7 +15,7 @@ each layer holds two self-attentions, `encoder_attn` and `decoder_attn`, and a r
 `retrieval=False` drops the encoder's self-attention and the ITC/ITM heads, `captioning=False`
 the decoder's self-attention and the LM head (an imported transformers folder holds one side).
 
-Training (`forward`, read by `polymodal.recipes.blip.blip_loss`): one tokenization per caption,
+Training (`forward`, read by `polymodal.train.objectives.blip.blip_loss`): one tokenization per caption,
 "[CLS] caption [SEP]", whose first token is swapped per task as BLIP does: `enc_token_id` for
 ITM, `bos_token_id` ([DEC]) for the decoder. ITM sees each positive pair and two negatives mined
 from the contrastive similarities (`mine_hard_negatives`): a text for every image and an image
@@ -106,7 +106,11 @@ class BlipConfig:
     feature ("vit" -> `vision`, "cnn" -> `cnn`); text: the MED transformer; embed_dim: the ITC
     space; retrieval / captioning: which sides exist (module docstring); itc_weight, itm_weight,
     caption_weight: the three losses' weights; hard_negatives: ITM negatives drawn by similarity
-    (False: uniformly among the non-positives, for comparison)."""
+    (False: uniformly among the non-positives, for comparison); fused_share: the share of each
+    batch's pairs (the first ceil(share * B)) that ITM and captioning train on, ITC always
+    taking all B: the image-grounded passes cost four text passes per pair against ITC's one,
+    so a share below 1 buys more ITC updates in the same time (negatives are still mined from
+    the whole batch)."""
 
     image_tower: str = "vit"
     vision: ViTConfig = field(default_factory=_blip_vit)
@@ -121,9 +125,11 @@ class BlipConfig:
     itm_weight: float = 1.0
     caption_weight: float = 1.0
     hard_negatives: bool = True
+    fused_share: float = 1.0
 
     def __post_init__(self) -> None:
         owner = "BlipConfig"
+        check_float(owner, "fused_share", self.fused_share, 0.0, 1.0, low_open=True)
         encoder_spec(self.image_tower, "image", f"{owner}.image_tower", needs="tokens")
         encoder_spec(self.image_tower, "image", f"{owner}.image_tower", needs="pooled")
         check_int(owner, "embed_dim", self.embed_dim, 1, MAX_WIDTH)
@@ -145,9 +151,10 @@ class BlipOutput:
     """What `BlipModel.forward` returns for B pairs.
 
     logits_per_image (B, B): scaled ITC cosine logits; image_embeds / text_embeds (B, E)
-    normalised; itm_logits (3B, 2) for [positives; (text i, mined image); (image i, mined text)]
-    with itm_labels (3B,) 1 / 0, -100 where no negative could be mined; caption_logits (B, T, V)
-    of the decoder on `caption_ids` (B, T) with `caption_mask`. Fields of a missing side are None.
+    normalised; itm_logits (3k, 2) for [positives; (text i, mined image); (image i, mined text)]
+    with itm_labels (3k,) 1 / 0, -100 where no negative could be mined; caption_logits (k, T, V)
+    of the decoder on `caption_ids` (k, T) with `caption_mask`. k = ceil(fused_share * B) (the
+    first k pairs; B by default). Fields of a missing side are None.
     """
 
     logits_per_image: torch.Tensor | None = None
@@ -351,35 +358,36 @@ class BlipModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         tokens, pooled = self.encode_image_tokens(pixel_values)  # (B, N, Dv), (B, Dv)
+        fused = math.ceil(c.fused_share * len(input_ids))  # pairs the image-grounded passes train on
         out = BlipOutput()
         if c.retrieval:
             out.image_embeds = F.normalize(self.vision_proj(pooled), dim=-1)  # (B, E)
             out.text_embeds = F.normalize(self.encode_text(input_ids, attention_mask), dim=-1)  # (B, E)
             out.logits_per_image = self.scale() * out.image_embeds @ out.text_embeds.t()  # (B, B)
             out.itm_logits, out.itm_labels = self._itm_with_negatives(tokens, input_ids, attention_mask,
-                                                                      out.logits_per_image.detach())
+                                                                      out.logits_per_image.detach(), fused)
         if c.captioning:
-            out.caption_ids = with_first_token(input_ids, c.text.bos_token_id)
-            out.caption_mask = attention_mask
-            out.caption_logits = self.caption_logits(tokens, out.caption_ids)
+            out.caption_ids = with_first_token(input_ids[:fused], c.text.bos_token_id)
+            out.caption_mask = attention_mask[:fused]
+            out.caption_logits = self.caption_logits(tokens[:fused], out.caption_ids)
         return out
 
     def _itm_with_negatives(self, tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                            similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ITM logits (3B, 2) and labels (3B,) of the positives and the mined negatives."""
-        b = input_ids.shape[0]
+                            similarity: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITM logits (3k, 2) and labels (3k,) of the first k positives and their negatives, mined
+        among all B pairs of the batch (similarity (B, B))."""
         # Identical captions (the same ids and mask) are positives too: never mine them as negatives.
         rows = torch.cat([input_ids * attention_mask, attention_mask], dim=1)
-        same_text = (rows[:, None, :] == rows[None, :, :]).all(-1)  # (B, B)
+        same_text = (rows[:k, None, :] == rows[None, :, :]).all(-1)  # (k, B)
         hard = self.config.hard_negatives
-        image_for_text, text_valid = mine_hard_negatives(similarity.t(), same_text, hard)  # (B,)
-        text_for_image, image_valid = mine_hard_negatives(similarity, same_text, hard)  # (B,)
+        image_for_text, text_valid = mine_hard_negatives(similarity.t()[:k], same_text, hard)  # (k,)
+        text_for_image, image_valid = mine_hard_negatives(similarity[:k], same_text, hard)  # (k,)
         ids = with_first_token(input_ids, self.config.text.enc_token_id)
-        all_ids = torch.cat([ids, ids, ids[text_for_image]])  # (3B, T)
-        all_mask = torch.cat([attention_mask, attention_mask, attention_mask[text_for_image]])
-        all_tokens = torch.cat([tokens, tokens[image_for_text], tokens])  # (3B, N, Dv)
+        all_ids = torch.cat([ids[:k], ids[:k], ids[text_for_image]])  # (3k, T)
+        all_mask = torch.cat([attention_mask[:k], attention_mask[:k], attention_mask[text_for_image]])
+        all_tokens = torch.cat([tokens[:k], tokens[image_for_text], tokens[:k]])  # (3k, N, Dv)
         logits = self.itm_logits(all_tokens, all_ids, all_mask)
-        negative = torch.zeros(b, dtype=torch.long, device=ids.device)
+        negative = torch.zeros(k, dtype=torch.long, device=ids.device)
         labels = torch.cat([torch.ones_like(negative), negative.masked_fill(~text_valid, -100),
                             negative.masked_fill(~image_valid, -100)])
         return logits, labels
@@ -394,11 +402,18 @@ class BlipModel(nn.Module):
 
     @torch.no_grad()
     def generate_captions(self, pixel_values: torch.Tensor, prompt: list[int] | None = None,
-                          max_new_tokens: int = 20) -> list[list[int]]:
-        """Greedy captions of images (B, C, H, W): the ids after "[DEC] prompt", up to [SEP] (not included)."""
+                          max_new_tokens: int = 20, top_p: float | None = None,
+                          generator: torch.Generator | None = None) -> list[list[int]]:
+        """Captions of images (B, C, H, W): the ids after "[DEC] prompt", up to [SEP] (not
+        included). Greedy, or with `top_p` nucleus sampling (BLIP's CapFilt captioner samples
+        with p = 0.9 for more diverse captions) drawn from `generator`."""
+        from polymodal.infer.generate import sample_next_token
+
         self._require("captioning")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         t = self.config.text
         tokens, _ = self.encode_image_tokens(pixel_values)
         start = [t.bos_token_id, *(prompt or [])]
@@ -406,7 +421,8 @@ class BlipModel(nn.Module):
         done = torch.zeros(len(tokens), dtype=torch.bool, device=tokens.device)
         for _ in range(min(max_new_tokens, t.max_positions - ids.shape[1])):
             # The whole prefix is recomputed each step: captions are short and the decoder small.
-            step = self.caption_logits(tokens, ids)[:, -1].argmax(-1)  # (B,)
+            logits = self.caption_logits(tokens, ids)[:, -1]  # (B, V)
+            step = sample_next_token(logits, 0.0 if top_p is None else 1.0, top_p=top_p or 1.0, generator=generator)
             step = step.masked_fill(done, t.pad_token_id)
             ids = torch.cat([ids, step[:, None]], dim=1)
             done |= step == t.eos_token_id
@@ -441,7 +457,7 @@ def _example_batch(model: BlipModel) -> dict:
 
 BLIP = register(Family(
     "blip", BlipConfig, BlipModel, blip_tiny, _example_batch,
-    objective="polymodal.recipes.blip:blip_loss",
+    objective="polymodal.train.objectives.blip:blip_loss",
     tasks=("embed",),
     recipes=(Recipe("blip", "polymodal.recipes.blip:BlipRecipeConfig", "polymodal.recipes.blip:blip_job"),
              Recipe("blip_capfilt", "polymodal.recipes.blip:CapFiltRecipeConfig",

@@ -9,15 +9,14 @@ pair's caption, the noisy web alt-text CapFilt is meant to clean. The world toke
 (`WORLD_TASK_TOKENS`).
 
 `blip_capfilt` (Li et al., 2022, section 3.3): a trained BLIP checkpoint (`init_from`) captions
-`data.num_scenes` train images (the captioner, greedy), its ITM head scores every (image, web
+`data.num_scenes` train images (the captioner), its ITM head scores every (image, web
 caption) and (image, synthetic caption) pair (the filter), the pairs with P(match) >=
 `data.threshold` form the cleaned set, and training continues on it. BLIP fine-tunes a separate
-captioner and filter on clean data first and samples captions with nucleus sampling; here one
-model plays both parts and decodes greedily. Every candidate and the decision is written to
-DIR/capfilt.jsonl.
+captioner and filter on clean data first; here one model plays both parts. The captioner
+decodes greedily, or samples with nucleus sampling as the paper's does (`data.top_p`). Every
+candidate and the decision is written to DIR/capfilt.jsonl.
 
-The objective `blip_loss` lives here while `polymodal/train/objectives` is being reworked; it
-reuses that package's `clip_loss` and `caption_loss`.
+The objective is `polymodal.train.objectives.blip.blip_loss`.
 """
 from __future__ import annotations
 
@@ -28,36 +27,20 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from polymodal.atomic import write_text_atomic
 from polymodal.data.dual_encoder import scene_pixels, tokenize_captions
-from polymodal.data.world.text import captions_of, check_caption_styles
+from polymodal.data.world.text import all_captions, captions_of, check_caption_styles
 from polymodal.errors import ConfigError
 from polymodal.models.blip import BlipConfig, BlipModel
 from polymodal.recipes.clip import WorldPairs
 from polymodal.recipes.runner import TrainingJob
 from polymodal.train.data import IndexedBatches, ShuffledBatches
 from polymodal.train.loop import TrainConfig
-from polymodal.train.objectives.contrastive import caption_loss, clip_loss
+from polymodal.train.objectives.blip import blip_loss
 
 # World tokenizer stand-ins for BERT's task tokens: never produced by encoding a caption.
 WORLD_TASK_TOKENS = {"cls_token_id": "<|endoftext|>", "enc_token_id": "<|im_start|>", "bos_token_id": "<|image_start|>"}
-
-
-def blip_loss(model: BlipModel, batch: dict) -> torch.Tensor:
-    """BLIP's objective on a batch {"pixel_values", "input_ids", "attention_mask"}: weighted sum of
-    ITC (symmetric InfoNCE), ITM (cross-entropy over positives and mined negatives) and the
-    decoder's next-token loss, each for the sides the model has."""
-    out = model(**batch)
-    c = model.config
-    terms = []
-    if c.retrieval:
-        terms.append(c.itc_weight * clip_loss(out.image_embeds, out.text_embeds, model.scale()))
-        terms.append(c.itm_weight * F.cross_entropy(out.itm_logits.float(), out.itm_labels, ignore_index=-100))
-    if c.captioning:
-        terms.append(c.caption_weight * caption_loss(out.caption_logits, out.caption_ids, out.caption_mask))
-    return sum(terms[1:], terms[0])
 
 
 def blip_tokenize(config: BlipConfig, tokenizer, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +160,9 @@ def blip_job(config: BlipRecipeConfig) -> TrainingJob:
 @dataclass
 class CapFiltRecord:
     """One candidate caption of CapFilt: scene index, source ("web" | "synthetic"), text, the
-    filter's P(match), whether it was kept, and (web captions) whether it was swapped in as noise."""
+    filter's P(match), whether it was kept, and whether it is noise: a web caption swapped in
+    from another scene, or a synthetic caption that is not exactly one of the scene's world
+    captions (the exact check the world allows)."""
 
     scene: int
     source: str
@@ -213,13 +198,15 @@ def capfilt(web: Sequence[tuple[int, str]], propose: Callable[[list[int]], list[
 class CapFiltDataConfig:
     """num_scenes: train scenes bootstrapped; noise: share of their web captions that belong to
     another scene; threshold: the filter's P(match) to keep a caption; max_caption_tokens: the
-    captioner's length limit; batch_size: pairs per training step (and per captioning chunk);
+    captioner's length limit; top_p: nucleus sampling for the captioner (the paper's 0.9; None:
+    greedy), seeded by train.seed; batch_size: pairs per training step (and per captioning chunk);
     caption_styles / background / num_objects: the world's options for the web captions."""
 
     num_scenes: int = 2000
     noise: float = 0.3
     threshold: float = 0.5
     max_caption_tokens: int = 24
+    top_p: float | None = None
     batch_size: int = 64
     caption_styles: list[str] = field(default_factory=lambda: ["short", "detailed"])
     background: str = "plain"
@@ -235,6 +222,8 @@ class CapFiltDataConfig:
             raise ConfigError(f"data.noise must be in [0, 1), got {self.noise}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"data.threshold must be in [0, 1], got {self.threshold}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"data.top_p must be in (0, 1] or null (greedy), got {self.top_p}")
         check_caption_styles(self.caption_styles, "data.caption_styles")
 
 
@@ -280,10 +269,12 @@ def capfilt_job(config: CapFiltRecipeConfig) -> TrainingJob:
     web, noisy = web_captions(world, d, seed)
     device = next(model.parameters()).device
     model.eval()
+    sampling = torch.Generator(device).manual_seed(seed)
 
     def propose(scenes: list[int]) -> list[str]:
         pixels = scene_pixels([world[i] for i in scenes]).to(device)
-        return decode_captions(tokenizer, model.generate_captions(pixels, max_new_tokens=d.max_caption_tokens))
+        return decode_captions(tokenizer, model.generate_captions(pixels, max_new_tokens=d.max_caption_tokens,
+                                                                  top_p=d.top_p, generator=sampling))
 
     def score(scenes: list[int], texts: list[str]) -> list[float]:
         ids, mask = blip_tokenize(model.config, tokenizer, texts)
@@ -292,7 +283,8 @@ def capfilt_job(config: CapFiltRecipeConfig) -> TrainingJob:
 
     records = capfilt(web, propose, score, d.threshold, d.batch_size)
     for record in records:
-        record.noisy = record.source == "web" and noisy[record.scene]
+        record.noisy = (bool(noisy[record.scene]) if record.source == "web"
+                        else record.caption not in all_captions(world[record.scene]))
     model.train()
     kept = [(r.scene, r.caption) for r in records if r.kept]
     print(capfilt_summary(records))
@@ -313,10 +305,13 @@ def capfilt_job(config: CapFiltRecipeConfig) -> TrainingJob:
 
 
 def capfilt_summary(records: Sequence[CapFiltRecord]) -> str:
-    """One line: how many web (clean / noisy) and synthetic captions the filter kept."""
+    """One line: how many web and synthetic captions, clean and noisy, the filter kept."""
     def share(selected: list[CapFiltRecord]) -> str:
         return f"{sum(r.kept for r in selected)}/{len(selected)}"
 
-    web = [r for r in records if r.source == "web"]
-    return (f"capfilt: kept web clean {share([r for r in web if not r.noisy])}, web noisy "
-            f"{share([r for r in web if r.noisy])}, synthetic {share([r for r in records if r.source == 'synthetic'])}")
+    parts = []
+    for source in ("web", "synthetic"):
+        mine = [r for r in records if r.source == source]
+        parts.append(f"{source} clean {share([r for r in mine if not r.noisy])}, "
+                     f"{source} noisy {share([r for r in mine if r.noisy])}")
+    return "capfilt: kept " + ", ".join(parts)

@@ -8,11 +8,14 @@ import torch
 import polymodal
 from polymodal.checkpoint import save_checkpoint
 from polymodal.cli import main
+from polymodal.data.world import World
+from polymodal.data.world.text import all_captions
 from polymodal.errors import ConfigError
 from polymodal.models import blip as blip_module
 from polymodal.models.registry import get_family, tasks_of
 from polymodal.models.blip import BlipConfig, BlipModel, blip_tiny, mine_hard_negatives
 from polymodal.recipes.blip import CapFiltRecord, capfilt
+from polymodal.train.loop import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,6 +70,48 @@ def test_itm_negatives_come_from_the_batch_similarity_and_skip_identical_caption
     assert torch.equal(seen[1][1], expected)
     assert out.itm_logits.shape == (12, 2) and out.itm_labels.tolist()[:4] == [1, 1, 1, 1]
     assert set(out.itm_labels[4:].tolist()) == {0}
+
+
+def test_a_fused_share_trains_itm_and_captions_on_the_first_pairs_with_negatives_from_all(monkeypatch):
+    model = _model()
+    batch = blip_module._example_batch(model)  # 4 pairs
+    full = model(**batch)
+    model.config.fused_share = 0.5
+    seen = []
+
+    def recording(similarity, positives=None, hard=True, generator=None):
+        seen.append(similarity.shape)
+        return mine_hard_negatives(similarity, positives, hard, generator)
+
+    monkeypatch.setattr(blip_module, "mine_hard_negatives", recording)
+    torch.manual_seed(0)
+    half = model(**batch)
+    assert seen == [(2, 4), (2, 4)]  # 2 rows, negatives drawn among all 4 pairs
+    assert half.logits_per_image.shape == (4, 4) and half.itm_logits.shape == (6, 2)
+    assert half.caption_logits.shape[0] == 2
+    torch.testing.assert_close(half.caption_logits, full.caption_logits[:2])
+    torch.testing.assert_close(half.itm_logits[:2], full.itm_logits[:2])  # the positives
+    with pytest.raises(ConfigError, match="fused_share"):
+        BlipConfig(fused_share=0.0)
+
+
+def test_nucleus_captions_are_seeded_and_a_tiny_nucleus_is_greedy():
+    model = _model()
+    pixels = torch.randn(3, 3, 32, 32)
+    greedy = model.generate_captions(pixels, max_new_tokens=6)
+
+    def sampled(p: float, seed: int) -> list[list[int]]:
+        return model.generate_captions(pixels, max_new_tokens=6, top_p=p, generator=torch.Generator().manual_seed(seed))
+
+    assert sampled(1e-6, 0) == greedy  # only the most likely token is left in the nucleus
+    assert sampled(1.0, 3) == sampled(1.0, 3)
+    assert any(sampled(1.0, seed) != greedy for seed in range(3))  # an untrained model's full distribution
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate_captions(pixels, top_p=0.0)
+    with pytest.raises(ConfigError, match="data.top_p"):
+        from polymodal.recipes.blip import CapFiltDataConfig
+
+        CapFiltDataConfig(top_p=1.5)
 
 
 def test_decoder_shares_all_but_self_attention_with_the_encoder():
@@ -148,7 +193,11 @@ def test_tiny_recipes_train_evaluate_and_capfilt(tmp_path, capsys):
           f"train.out_dir={cf}", "data.threshold=0.0"])
     records = [json.loads(line) for line in (cf / "capfilt.jsonl").read_text().splitlines()]
     assert len(records) == 128 and all(r["kept"] for r in records)  # threshold 0 accepts every candidate
-    assert sum(r["noisy"] for r in records) > 5 and (cf / "final").is_dir()
+    assert sum(r["noisy"] for r in records if r["source"] == "web") > 5 and (cf / "final").is_dir()
+    # A synthetic caption is noise exactly when it is none of its scene's world captions.
+    world = World("train", image_size=32, num_objects=(1, 1), background="plain", seed=TrainConfig().seed)
+    synthetic = [r for r in records if r["source"] == "synthetic"]
+    assert [r["noisy"] for r in synthetic] == [r["caption"] not in all_captions(world[r["scene"]]) for r in synthetic]
     lm = get_family("lm")
     save_checkpoint(lm.build(lm.tiny()), tmp_path / "lm")
     capsys.readouterr()

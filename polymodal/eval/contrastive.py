@@ -21,15 +21,30 @@ from polymodal.data.dual_encoder import pixels_from_uint8, scene_pixels, tokeniz
 from polymodal.errors import UsageError
 
 
+def text_inputs(model, tokenizer, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:
+    """What an `embed` model's text tower reads for `texts`: right-padded ids and mask (N, T)
+    truncated to its limit, the tokens each text needs untruncated, and that limit.
+
+    A model with a text format of its own says so with a `text_inputs(tokenizer, texts)` method
+    (BLIP: "[CLS] text [SEP]"); a dual encoder reads the text and an end token (pretrained towers
+    keep their own special tokens instead), up to `config.max_text_tokens`."""
+    if hasattr(model, "text_inputs"):
+        return model.text_inputs(tokenizer, texts)
+    limit = model.config.max_text_tokens
+    special = model.config.text_tower != "transformer"
+    needed = [len(ids) + (not special) for ids in tokenizer.encode_batch(list(texts), add_special_tokens=special)]
+    ids, mask = tokenize_captions(tokenizer, texts, limit, special)
+    return ids, mask, needed, limit
+
+
 @torch.no_grad()
 def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    """L2-normalised text embeddings (N, E) of `texts` (tokenized + eos, padded per chunk)."""
+    """L2-normalised text embeddings (N, E) of `texts` (`text_inputs`, padded per chunk)."""
     model.eval()
-    limit, out = model.config.max_text_tokens, []
-    special = model.config.text_tower != "transformer"  # pretrained towers keep their special tokens
+    out = []
     device = next(model.parameters()).device
     for start in range(0, len(texts), batch_size):
-        ids, mask = tokenize_captions(tokenizer, texts[start:start + batch_size], limit, special)
+        ids, mask, _, _ = text_inputs(model, tokenizer, texts[start:start + batch_size])
         out.append(F.normalize(model.encode_text(ids.to(device), mask.to(device)).float(), dim=-1))
     return torch.cat(out).cpu()
 

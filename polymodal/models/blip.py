@@ -336,6 +336,19 @@ class BlipModel(nn.Module):
         self._require("retrieval")
         return self.text_proj(self.text_model(input_ids, attention_mask)[:, 0])
 
+    def text_inputs(self, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:
+        """The `embed` contract's text inputs (`polymodal.eval.contrastive.text_inputs`): ids and
+        mask (N, T) of "[CLS] text [SEP]" (`polymodal.recipes.blip.blip_tokenize`), the tokens
+        each text needs untruncated, and the limit, `text.max_positions`."""
+        from polymodal.recipes.blip import blip_tokenize
+
+        t = self.config.text
+        own_specials = t.cls_token_id is None  # the tokenizer adds [CLS] and [SEP] itself (BERT's)
+        needed = [len(ids) + (0 if own_specials else 2)  # + [CLS] + [SEP]
+                  for ids in tokenizer.encode_batch(list(texts), add_special_tokens=own_specials)]
+        ids, mask = blip_tokenize(self.config, tokenizer, texts)
+        return ids, mask, needed, t.max_positions
+
     def itm_logits(self, image_tokens: torch.Tensor, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """ITM logits (B, 2) [no match, match] of image tokens (B, N, Dv) and texts (B, T), ids as given."""

@@ -144,7 +144,7 @@ def embed_items(model, tokenizer, items: list, dimensions: int | None) -> tuple[
     encoder: texts through its text tower, images at its tower's resolution).
     """
     from polymodal.data.dual_encoder import image_array, pixels_from_uint8
-    from polymodal.eval.contrastive import encode_images, encode_texts
+    from polymodal.eval.contrastive import encode_images, encode_texts, text_inputs
 
     config = model.config
     texts = [(i, item) for i, item in enumerate(items) if isinstance(item, str)]
@@ -154,11 +154,8 @@ def embed_items(model, tokenizer, items: list, dimensions: int | None) -> tuple[
     if texts:
         if not hasattr(model, "encode_text"):
             raise APIError(400, "this model embeds images only; give image_url items", "input", "invalid_value")
-        limit = config.max_text_tokens
-        special = getattr(config, "text_tower", "transformer") != "transformer"  # as encode_texts tokenizes
-        for i, ids in zip((i for i, _ in texts), tokenizer.encode_batch([t for _, t in texts],
-                                                                        add_special_tokens=special)):
-            count = len(ids) + (not special)  # our text tower reads an end token after the text
+        _, _, needed, limit = text_inputs(model, tokenizer, [t for _, t in texts])
+        for (i, _), count in zip(texts, needed):
             if count > limit:
                 raise APIError(400, f"input[{i}] is {count} tokens; this model's text tower reads at most {limit}",
                                f"input[{i}]", "context_length_exceeded")

@@ -184,6 +184,18 @@ def test_tiny_recipes_train_evaluate_and_capfilt(tmp_path, capsys):
     printed = capsys.readouterr().out
     for metric in ("t2i_R@1 ", "i2t_R@5", "t2i_R@1_itm", "itm_acc ", "itm_acc_hard", "cider", "bleu4"):
         assert metric in printed
+    # Served embeddings (`embed` task): BLIP's own "[CLS] text [SEP]" tokens, its limit in errors.
+    from polymodal.recipes.blip import blip_tokenize
+    from polymodal.serve.tasks import APIError, embed_items
+
+    vectors, counted = embed_items(model, tokenizer, ["A small red circle.", "A large blue star."], None)
+    ids, mask = blip_tokenize(model.config, tokenizer, ["A small red circle.", "A large blue star."])
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model.encode_text(ids, mask), dim=-1)
+    torch.testing.assert_close(torch.from_numpy(vectors), expected)
+    assert counted == int(mask.sum())
+    with pytest.raises(APIError, match="reads at most 32"):
+        embed_items(model, tokenizer, ["red " * 40], None)
     assert main(["eval", str(out / "final"), "--data", "fashion-mnist"]) != 0
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "polymodal eval: error: --data: the blip family evaluates on 'world', got 'fashion-mnist'")

@@ -37,11 +37,12 @@ def _image_features(model, pixels: torch.Tensor, batch: int) -> tuple[torch.Tens
 
 @torch.no_grad()
 def _itm(model, tokens: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, batch: int) -> torch.Tensor:
-    """ITM logits (M, 2) of image tokens (M, P, Dv) with texts (M, T), first token swapped to [ENC]."""
+    """ITM logits (M, 2), on the CPU, of image tokens (M, P, Dv) with texts (M, T) on the model's
+    device, first token swapped to [ENC]."""
     from polymodal.models.blip import with_first_token
 
     ids = with_first_token(ids, model.config.text.enc_token_id)
-    return torch.cat([model.itm_logits(tokens[s:s + batch], ids[s:s + batch], mask[s:s + batch])
+    return torch.cat([model.itm_logits(tokens[s:s + batch], ids[s:s + batch], mask[s:s + batch]).float().cpu()
                       for s in range(0, len(ids), batch)])
 
 
@@ -58,10 +59,11 @@ def retrieval_and_itm(model, tokenizer, scenes, tokens: torch.Tensor, image_embe
 
     n = len(scenes)
     texts = [s.caption("detailed") for s in scenes]
-    ids, mask = blip_tokenize(model.config, tokenizer, texts)
+    device = tokens.device  # the model's: texts go there, scores and indices come back to the CPU
+    ids, mask = (t.to(device) for t in blip_tokenize(model.config, tokenizer, texts))
     text_embeds = torch.cat([F.normalize(model.encode_text(ids[s:s + batch], mask[s:s + batch]), dim=-1)
                              for s in range(0, n, batch)])
-    similarity = image_embeds @ text_embeds.t()  # (N_img, N_txt)
+    similarity = (image_embeds @ text_embeds.t()).float().cpu()  # (N_img, N_txt)
     out = retrieval_recall(similarity, torch.arange(n))
     counts: dict[str, int] = {}
     for text in texts:
@@ -70,7 +72,8 @@ def retrieval_and_itm(model, tokenizer, scenes, tokens: torch.Tensor, image_embe
     k = min(rerank, n)
     top = similarity.t().topk(k, dim=1).indices  # (N_txt, k) candidate images per text
     text_rows = torch.arange(n).repeat_interleave(k)
-    score = _itm(model, tokens[top.reshape(-1)], ids[text_rows], mask[text_rows], batch)[:, 1].view(n, k)
+    pairs = top.reshape(-1).to(device), text_rows.to(device)
+    score = _itm(model, tokens[pairs[0]], ids[pairs[1]], mask[pairs[1]], batch)[:, 1].view(n, k)
     score = score + similarity.t().gather(1, top)  # (N_txt, k)
     out["t2i_R@1_itm"] = (top[torch.arange(n), score.argmax(1)] == torch.arange(n)).float().mean().item()
     # One negative text per image among the captions that differ from its own.
@@ -81,7 +84,7 @@ def retrieval_and_itm(model, tokenizer, scenes, tokens: torch.Tensor, image_embe
     images = torch.arange(n)
     positive = _match(model, tokens, ids, mask, batch) >= 0.5
     for name, neg in (("itm_acc", random_neg), ("itm_acc_hard", hard_neg)):
-        negative = _match(model, tokens, ids[neg], mask[neg], batch) < 0.5
+        negative = _match(model, tokens, ids[neg.to(device)], mask[neg.to(device)], batch) < 0.5
         out[name] = torch.cat([positive[images], negative]).float().mean().item()
     return out
 

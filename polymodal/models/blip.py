@@ -362,8 +362,10 @@ class BlipModel(nn.Module):
         return self.lm_head(hidden, self.text_model.word_embeddings.weight)
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> BlipOutput:
-        """The three objectives' inputs for B pairs (image i, text i); see `BlipOutput`."""
+                attention_mask: torch.Tensor | None = None, image_ids: torch.Tensor | None = None) -> BlipOutput:
+        """The three objectives' inputs for B pairs (image i, text i); see `BlipOutput`.
+        image_ids (B,): which pairs share an image (CapFilt's web and synthetic captions of one
+        scene); such pairs, like identical captions, are never mined as each other's ITM negatives."""
         c = self.config
         if input_ids.ndim != 2 or input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError(f"input_ids must be (B, T) with one row per image: got {tuple(input_ids.shape)} for "
@@ -371,14 +373,15 @@ class BlipModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         tokens, pooled = self.encode_image_tokens(pixel_values)  # (B, N, Dv), (B, Dv)
-        fused = math.ceil(c.fused_share * len(input_ids))  # pairs the image-grounded passes train on
+        # Pairs the image-grounded passes train on; rounding first keeps 0.07 * 100 at 7, not 8.
+        fused = math.ceil(round(c.fused_share * len(input_ids), 6))
         out = BlipOutput()
         if c.retrieval:
             out.image_embeds = F.normalize(self.vision_proj(pooled), dim=-1)  # (B, E)
             out.text_embeds = F.normalize(self.encode_text(input_ids, attention_mask), dim=-1)  # (B, E)
             out.logits_per_image = self.scale() * out.image_embeds @ out.text_embeds.t()  # (B, B)
             out.itm_logits, out.itm_labels = self._itm_with_negatives(tokens, input_ids, attention_mask,
-                                                                      out.logits_per_image.detach(), fused)
+                                                                      out.logits_per_image.detach(), fused, image_ids)
         if c.captioning:
             out.caption_ids = with_first_token(input_ids[:fused], c.text.bos_token_id)
             out.caption_mask = attention_mask[:fused]
@@ -386,15 +389,19 @@ class BlipModel(nn.Module):
         return out
 
     def _itm_with_negatives(self, tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                            similarity: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                            similarity: torch.Tensor, k: int,
+                            image_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """ITM logits (3k, 2) and labels (3k,) of the first k positives and their negatives, mined
         among all B pairs of the batch (similarity (B, B))."""
-        # Identical captions (the same ids and mask) are positives too: never mine them as negatives.
+        # Identical captions (the same ids and mask) and pairs of one image are positives too:
+        # never mine them as negatives.
         rows = torch.cat([input_ids * attention_mask, attention_mask], dim=1)
-        same_text = (rows[:k, None, :] == rows[None, :, :]).all(-1)  # (k, B)
+        positives = (rows[:k, None, :] == rows[None, :, :]).all(-1)  # (k, B)
+        if image_ids is not None:
+            positives |= image_ids[:k, None] == image_ids[None, :]
         hard = self.config.hard_negatives
-        image_for_text, text_valid = mine_hard_negatives(similarity.t()[:k], same_text, hard)  # (k,)
-        text_for_image, image_valid = mine_hard_negatives(similarity[:k], same_text, hard)  # (k,)
+        image_for_text, text_valid = mine_hard_negatives(similarity.t()[:k], positives, hard)  # (k,)
+        text_for_image, image_valid = mine_hard_negatives(similarity[:k], positives, hard)  # (k,)
         ids = with_first_token(input_ids, self.config.text.enc_token_id)
         all_ids = torch.cat([ids[:k], ids[:k], ids[text_for_image]])  # (3k, T)
         all_mask = torch.cat([attention_mask[:k], attention_mask[:k], attention_mask[text_for_image]])

@@ -93,19 +93,21 @@ class BlipRecipeConfig:
 
 
 class BlipWorldPairs(WorldPairs):
-    """`WorldPairs` (the `clip` recipe's world batches) with [CLS] first and `noise` applied."""
+    """`WorldPairs` (the `clip` recipe's world batches) tokenized by `blip_tokenize`, with `noise`
+    applied."""
 
     def __init__(self, config: BlipConfig, tokenizer, data: BlipDataConfig, seed: int):
-        super().__init__(tokenizer, data.batch_size, config.image_size, config.text.max_positions - 1,
+        super().__init__(tokenizer, data.batch_size, config.image_size, config.text.max_positions,
                          data.caption_styles, data.background, seed=seed, num_objects=data.num_objects)
-        self.cls_token_id, self.noise, self.seed = config.text.cls_token_id, data.noise, seed
+        self.config, self.noise, self.seed = config, data.noise, seed
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """"[CLS] caption [SEP]" ids and mask, as evaluation, CapFilt and serving tokenize them."""
+        return blip_tokenize(self.config, self.tokenizer, texts)
 
     def __call__(self, index: int) -> dict:
         batch = super().__call__(index)
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        if self.cls_token_id is not None:
-            ids = torch.cat([torch.full((len(ids), 1), self.cls_token_id), ids], dim=1)
-            mask = torch.cat([torch.ones(len(mask), 1, dtype=mask.dtype), mask], dim=1)
         if self.noise:
             rng = np.random.default_rng([self.seed, index, 29])
             noisy = np.flatnonzero(rng.random(len(ids)) < self.noise)
@@ -298,7 +300,9 @@ def capfilt_job(config: CapFiltRecipeConfig) -> TrainingJob:
     def collate(indices: list[int]) -> dict:
         pairs = [kept[i] for i in indices]
         ids, mask = blip_tokenize(model.config, tokenizer, [text for _, text in pairs])
-        return {"pixel_values": scene_pixels([world[s] for s, _ in pairs]), "input_ids": ids, "attention_mask": mask}
+        # image_ids: a scene's web and synthetic captions may share a batch; neither is the other's negative.
+        return {"pixel_values": scene_pixels([world[s] for s, _ in pairs]), "input_ids": ids, "attention_mask": mask,
+                "image_ids": torch.tensor([s for s, _ in pairs])}
 
     return TrainingJob(model, ShuffledBatches(len(kept), d.batch_size, collate, seed=seed), blip_loss,
                        tokenizer=tokenizer)

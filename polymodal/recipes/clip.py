@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from polymodal.atomic import write_text_atomic
 from polymodal.data.dual_encoder import PairBatches, scene_pixels, tokenize_captions
@@ -131,9 +132,13 @@ class WorldPairs:
         for scene in scenes:
             templates = captions_of(scene, [self.styles[int(rng.integers(len(self.styles)))]])
             texts.append(templates[int(rng.integers(len(templates)))])
-        input_ids, mask = tokenize_captions(self.tokenizer, texts, self.max_tokens, self.special_tokens)
+        input_ids, mask = self.tokenize(texts)
         pixels = scene_pixels(scenes)
         return {"pixel_values": pixels, "input_ids": input_ids, "attention_mask": mask}
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids and mask (B, T) of the batch's captions, as the text tower reads them."""
+        return tokenize_captions(self.tokenizer, texts, self.max_tokens, self.special_tokens)
 
 
 class FashionItems:

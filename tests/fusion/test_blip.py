@@ -70,6 +70,11 @@ def test_itm_negatives_come_from_the_batch_similarity_and_skip_identical_caption
     assert torch.equal(seen[1][1], expected)
     assert out.itm_logits.shape == (12, 2) and out.itm_labels.tolist()[:4] == [1, 1, 1, 1]
     assert set(out.itm_labels[4:].tolist()) == {0}
+    # Pairs of one image (CapFilt's web and synthetic captions of a scene) are positives too.
+    seen.clear()
+    model(**batch, image_ids=torch.tensor([7, 8, 8, 9]))
+    expected[1, 2] = expected[2, 1] = True
+    assert torch.equal(seen[0][1], expected) and torch.equal(seen[1][1], expected)
 
 
 def test_a_fused_share_trains_itm_and_captions_on_the_first_pairs_with_negatives_from_all(monkeypatch):
@@ -112,6 +117,22 @@ def test_nucleus_captions_are_seeded_and_a_tiny_nucleus_is_greedy():
         from polymodal.recipes.blip import CapFiltDataConfig
 
         CapFiltDataConfig(top_p=1.5)
+
+
+def test_training_batches_are_tokenized_as_evaluation_and_serving_tokenize():
+    from polymodal.data.world import world_tokenizer
+    from polymodal.recipes.blip import BlipDataConfig, BlipWorldPairs, blip_tokenize, world_blip_config
+
+    tokenizer = world_tokenizer()
+    config = world_blip_config(blip_tiny(), tokenizer)
+    pairs = BlipWorldPairs(config, tokenizer, BlipDataConfig(batch_size=4, caption_styles=["short"]), seed=0)
+    seen = []
+    tokenize = pairs.tokenize
+    pairs.tokenize = lambda texts: seen.append(list(texts)) or tokenize(texts)
+    batch = pairs(3)
+    ids, mask = blip_tokenize(config, tokenizer, seen[0])
+    assert torch.equal(batch["input_ids"], ids) and torch.equal(batch["attention_mask"], mask)
+    assert (ids[:, 0] == config.text.cls_token_id).all()
 
 
 def test_decoder_shares_all_but_self_attention_with_the_encoder():

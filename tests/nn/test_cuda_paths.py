@@ -52,3 +52,19 @@ def test_mmllm_recipe_trains_packed_multimodal_batches_on_cuda(tmp_path):
     config = Path(__file__).resolve().parents[2] / "configs" / "mmllm" / "tiny_align.yaml"
     assert main(["train", str(config), f"train.out_dir={tmp_path}", "train.steps=3", "train.device=cuda"]) == 0
     assert (tmp_path / "final" / "config.json").exists()
+
+
+def test_blip_evaluation_runs_with_the_model_on_cuda():
+    """Texts follow the model to the GPU; scores come back to the CPU for the metrics."""
+    from polymodal.data.world import world_tokenizer
+    from polymodal.eval.blip import evaluate
+    from polymodal.models.blip import BlipModel, blip_tiny
+    from polymodal.recipes.blip import world_blip_config
+
+    torch.manual_seed(0)
+    tokenizer = world_tokenizer()
+    model = BlipModel(world_blip_config(blip_tiny(), tokenizer))
+    on_cpu = evaluate(model, tokenizer, n=8, progress=False)
+    on_gpu = evaluate(model.cuda(), tokenizer, n=8, progress=False)
+    assert on_gpu.keys() == on_cpu.keys()
+    assert abs(on_gpu["t2i_R@1"] - on_cpu["t2i_R@1"]) <= 0.125 and abs(on_gpu["cider"] - on_cpu["cider"]) < 0.1

@@ -234,19 +234,24 @@ def full_state_dict(model: nn.Module, *, main_only: bool = False) -> dict[str, t
     return full
 
 
-def plain_copy(model: nn.Module) -> nn.Module:
+def plain_copy(model: nn.Module, *, main_only: bool = False) -> nn.Module | None:
     """A plain single-device copy of `model` with its whole weights (for sampling during or after
-    training): a deep copy, or for a model FSDP2 manages, a fresh build of its family and config
-    loaded with the gathered weights (a copy would carry the sharding). Collective then: every
-    rank calls it and gets the copy."""
+    training, or saving): a deep copy, or for a model FSDP2 manages, a fresh build of its family
+    and config loaded with the gathered weights (a copy would carry the sharding). Collective
+    then: every rank calls it and gets the copy on the model's device; with `main_only`, rank 0
+    alone gets it, on the CPU, and the other ranks None (they never hold the whole model)."""
     if not is_sharded(model):
         return copy.deepcopy(model)
     from polymodal.checkpoint import load_state_dict_checked
     from polymodal.models.registry import family_of
 
-    device = next(model.parameters()).device
-    plain = family_of(model).build(model.config).to(device)
-    load_state_dict_checked(plain, full_state_dict(model), source="the gathered FSDP2 weights")
+    full = full_state_dict(model, main_only=main_only)
+    if main_only and dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    plain = family_of(model).build(model.config)
+    if not main_only:
+        plain = plain.to(next(model.parameters()).device)
+    load_state_dict_checked(plain, full, source="the gathered FSDP2 weights")
     return plain
 
 

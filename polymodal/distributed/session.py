@@ -94,22 +94,14 @@ class Session:
         as on one device, and an EMA gathers its averages into a plain copy."""
         if self.world is None:
             return job.final_model() if job.final_model is not None else job.model
-        from polymodal.distributed.parallelize import full_state_dict, gather_in_place, is_sharded
+        from polymodal.distributed.parallelize import gather_in_place, is_sharded, plain_copy
 
         if job.final_model is not None and is_sharded(job.model):
             gather_in_place(job.model)
         model = job.final_model() if job.final_model is not None else job.model
         if not is_sharded(model):
             return model if self.is_main else None
-        from polymodal.checkpoint import load_state_dict_checked
-        from polymodal.models.registry import family_of
-
-        full = full_state_dict(model, main_only=True)
-        if not self.is_main:
-            return None
-        plain = family_of(model).build(model.config)
-        load_state_dict_checked(plain, full, source="the gathered FSDP shards")
-        return plain
+        return plain_copy(model, main_only=True)
 
     def report(self) -> None:
         """After training: rank 0 prints every rank's peak CUDA memory; then every rank waits for

@@ -38,15 +38,21 @@ def text_inputs(model, tokenizer, texts: Sequence[str]) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
+def embed_token_rows(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised text embeddings (N, E), on the CPU, of token rows (N, T) from `text_inputs`,
+    `batch_size` rows at a time."""
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([F.normalize(model.encode_text(input_ids[s:s + batch_size].to(device),
+                                                    attention_mask[s:s + batch_size].to(device)).float(), dim=-1).cpu()
+                      for s in range(0, len(input_ids), batch_size)])
+
+
 def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
     """L2-normalised text embeddings (N, E) of `texts` (`text_inputs`, padded per chunk)."""
-    model.eval()
-    out = []
-    device = next(model.parameters()).device
-    for start in range(0, len(texts), batch_size):
-        ids, mask, _, _ = text_inputs(model, tokenizer, texts[start:start + batch_size])
-        out.append(F.normalize(model.encode_text(ids.to(device), mask.to(device)).float(), dim=-1))
-    return torch.cat(out).cpu()
+    return torch.cat([embed_token_rows(model, *text_inputs(model, tokenizer, texts[start:start + batch_size])[:2])
+                      for start in range(0, len(texts), batch_size)])
 
 
 @torch.no_grad()

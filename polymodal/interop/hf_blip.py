@@ -107,6 +107,26 @@ def _sides(cfg: dict, names, source: str) -> tuple[bool, bool]:
     return retrieval, captioning
 
 
+def packed_qkv_source(name: str, tensor: torch.Tensor, tower: str) -> tuple[str, tuple[int, ...]] | None:
+    """For one of our q/k/v projection tensors of the BLIP ViT under `tower`
+    ("<tower>.encoder.layers.L.attn.{q,k,v}_proj.{weight,bias}"): the packed transformers tensor
+    it comes from and that tensor's shape (3D, ...); None for any other tensor."""
+    parts = name.split(".")
+    if parts[:2] == [tower, "encoder"] and parts[4] == "attn" and parts[5] in ("q_proj", "k_proj", "v_proj"):
+        return f"{_QKV.format(parts[3])}.{parts[6]}", (3 * tensor.shape[0], *tensor.shape[1:])
+    return None
+
+
+def split_packed_qkv(name: str, tensor: torch.Tensor, tower: str) -> dict[str, torch.Tensor] | None:
+    """A packed transformers ViT `self_attn.qkv` tensor (3D, ...) as our q, k, v projections
+    under `tower`; None for any other name."""
+    if ".self_attn.qkv." not in name:
+        return None
+    layer, kind = name.split(".")[3], name.rsplit(".", 1)[1]
+    return {f"{tower}.encoder.layers.{layer}.attn.{proj}_proj.{kind}": part
+            for proj, part in zip("qkv", tensor.chunk(3, dim=0), strict=True)}
+
+
 def blip_vision_config(v: dict, source: str, *, post_norm: str, pool: str) -> ViTConfig:
     """Our `ViTConfig` of a transformers BLIP or BLIP-2 `vision_config` dict `v`: BLIP's ViT (a
     class token, no pre-norm, a biased patch embedding). BLIP normalises every output token and
@@ -128,9 +148,9 @@ def blip_config_from_hf(cfg: dict, names, source: str = "config.json") -> BlipCo
     retrieval, captioning = _sides(cfg, names, source)
     v = _sub(cfg, "vision_config", _VISION_DEFAULTS)
     t = _sub(cfg, "text_config", _TEXT_DEFAULTS)
-    for part, act in (("vision_config", v["hidden_act"]), ("text_config", t["hidden_act"])):
-        if act not in _ACTS:
-            raise ValueError(f"{source}: {part}.hidden_act {act!r} is not supported; supported: {sorted(_ACTS)}")
+    if t["hidden_act"] not in _ACTS:  # the vision tower's is checked by `blip_vision_config`
+        raise ValueError(f"{source}: text_config.hidden_act {t['hidden_act']!r} is not supported; "
+                         f"supported: {sorted(_ACTS)}")
     if not t["is_decoder"]:
         raise ValueError(f"{source}: text_config.is_decoder false builds no cross-attention; BLIP needs it")
     if captioning and not (t["tie_word_embeddings"] and cfg.get("tie_word_embeddings", True)):
@@ -157,9 +177,9 @@ def _expected_hf_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     for name, tensor in model.state_dict().items():
         if name == "logit_scale":
             continue
-        parts = name.split(".")
-        if parts[:2] == ["vision_model", "encoder"] and parts[4] == "attn" and parts[5] in ("q_proj", "k_proj", "v_proj"):
-            out[_QKV.format(parts[3]) + "." + parts[6]] = (3 * tensor.shape[0], *tensor.shape[1:])
+        packed = packed_qkv_source(name, tensor, "vision_model")
+        if packed is not None:
+            out[packed[0]] = packed[1]
         elif name in _RESHAPED_OURS:
             out[_RESHAPED_OURS[name]] = (1, *tensor.shape) if tensor.dim() == 2 else (1, 1, *tensor.shape)
         else:
@@ -181,11 +201,7 @@ def blip_state_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, sourc
     def rename(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         if name in _RESHAPED:
             return {_RESHAPED[name]: tensor.reshape(ours[_RESHAPED[name]].shape)}
-        if ".self_attn.qkv." in name:  # packed (3D, ...) -> q, k, v
-            layer, kind = name.split(".")[3], name.rsplit(".", 1)[1]
-            return {f"vision_model.encoder.layers.{layer}.attn.{proj}_proj.{kind}": part
-                    for proj, part in zip("qkv", tensor.chunk(3, dim=0), strict=True)}
-        return {names.to_ours(name): tensor}
+        return split_packed_qkv(name, tensor, "vision_model") or {names.to_ours(name): tensor}
 
     state = state_from_foreign(tensors, _expected_hf_shapes(model), source, rename, ignore)
     if model.config.retrieval:

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from polymodal.checkpoint import CheckpointMismatchError
 from polymodal.interop.converters import Converter, build_config
-from polymodal.interop.hf_blip import blip_vision_config
+from polymodal.interop.hf_blip import blip_vision_config, packed_qkv_source, split_packed_qkv
 from polymodal.interop.hf_lm import decoder_config_from_hf, lm_state_from_hf
 from polymodal.interop.namemap import NameMap, state_from_foreign
 from polymodal.models.mmllm import MMLLMConfig
@@ -88,7 +88,6 @@ _RESHAPED = {
     "query_tokens": "projector.query_tokens",
 }
 _RESHAPED_OURS = {ours: hf for hf, ours in _RESHAPED.items()}
-_QKV = "vision_model.encoder.layers.{}.self_attn.qkv"
 _LM_PREFIX = "language_model."
 _TEXT_FFN = re.compile(r"^qformer\.encoder\.layer\.\d+\.(intermediate|output)\.")
 
@@ -138,10 +137,9 @@ def _expected_hf_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     for name, tensor in model.state_dict().items():
         if name.startswith("lm."):
             continue
-        parts = name.split(".")
-        if parts[:2] == ["vision", "encoder"] and parts[4] == "attn" and parts[5] in ("q_proj", "k_proj", "v_proj"):
-            shape = tensor.shape
-            out[_QKV.format(parts[3]) + "." + parts[6]] = (3 * shape[0], *shape[1:])
+        packed = packed_qkv_source(name, tensor, "vision")
+        if packed is not None:
+            out[packed[0]] = packed[1]
             continue
         reshaped = _RESHAPED_OURS.get(name)
         if reshaped is not None:
@@ -178,11 +176,7 @@ def blip2_state_from_hf(tensors: dict[str, torch.Tensor], model: nn.Module, sour
     def rename(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         if name in _RESHAPED:  # (1, N, D) -> (N, D) or (D,)
             return {_RESHAPED[name]: tensor.reshape(ours_state[_RESHAPED[name]].shape)}
-        if ".self_attn.qkv." in name:  # packed (3D, ...) -> q, k, v
-            layer, kind = name.split(".")[3], name.rsplit(".", 1)[1]
-            return {f"vision.encoder.layers.{layer}.attn.{proj}_proj.{kind}": part
-                    for proj, part in zip("qkv", tensor.chunk(3, dim=0), strict=True)}
-        return {BLIP2_NAMES.to_ours(name): tensor}
+        return split_packed_qkv(name, tensor, "vision") or {BLIP2_NAMES.to_ours(name): tensor}
 
     state = state_from_foreign(tensors, expected, source, rename, ignore)
     if not vision_qkv_bias:

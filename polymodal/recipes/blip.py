@@ -30,7 +30,7 @@ import torch
 
 from polymodal.atomic import write_text_atomic
 from polymodal.data.dual_encoder import scene_pixels, tokenize_captions
-from polymodal.data.world.text import all_captions, captions_of, check_caption_styles
+from polymodal.data.world.text import all_captions, check_caption_styles, draw_caption
 from polymodal.errors import ConfigError
 from polymodal.models.blip import BlipConfig, BlipModel
 from polymodal.recipes.clip import WorldPairs
@@ -108,12 +108,12 @@ class BlipWorldPairs(WorldPairs):
     def __call__(self, index: int) -> dict:
         batch = super().__call__(index)
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        if self.noise:
+        if self.noise:  # in place: rows of the batch's own tensors
             rng = np.random.default_rng([self.seed, index, 29])
             noisy = np.flatnonzero(rng.random(len(ids)) < self.noise)
             other = (noisy + rng.integers(1, len(ids), len(noisy))) % len(ids)  # another pair, never itself
             ids[noisy], mask[noisy] = ids[other], mask[other]
-        return {"pixel_values": batch["pixel_values"], "input_ids": ids, "attention_mask": mask}
+        return batch
 
 
 def world_blip_config(config: BlipConfig, tokenizer) -> BlipConfig:
@@ -244,10 +244,7 @@ def web_captions(world, data: CapFiltDataConfig, seed: int) -> tuple[list[tuple[
     """(scene, web caption) for scenes [0, num_scenes) and which captions are noise (another scene's)."""
     rng = np.random.default_rng([seed, 31])
     n = data.num_scenes
-    own = []
-    for i in range(n):
-        templates = captions_of(world[i], [data.caption_styles[int(rng.integers(len(data.caption_styles)))]])
-        own.append(templates[int(rng.integers(len(templates)))])
+    own = [draw_caption(world[i], data.caption_styles, rng) for i in range(n)]
     noisy = rng.random(n) < data.noise
     if n < 2:
         noisy[:] = False

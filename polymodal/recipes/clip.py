@@ -31,7 +31,7 @@ import torch
 from polymodal.atomic import write_text_atomic
 from polymodal.data.dual_encoder import PairBatches, scene_pixels, tokenize_captions
 from polymodal.data.sources import CLASS_TEMPLATES, IMAGE_TEXT_SOURCES, Mixture, SourceConfig, image_text_items
-from polymodal.data.world.text import captions_of, check_caption_styles
+from polymodal.data.world.text import check_caption_styles, draw_caption
 from polymodal.errors import ConfigError
 from polymodal.models.contrastive import ContrastiveConfig, ContrastiveModel
 from polymodal.recipes.runner import TrainingJob
@@ -128,10 +128,7 @@ class WorldPairs:
     def __call__(self, index: int) -> dict:
         rng = np.random.default_rng([index, 7])  # caption choice: a pure function of the batch index
         scenes = list(self.world.scenes(self.batch_size, start=index * self.batch_size))
-        texts = []
-        for scene in scenes:
-            templates = captions_of(scene, [self.styles[int(rng.integers(len(self.styles)))]])
-            texts.append(templates[int(rng.integers(len(templates)))])
+        texts = [draw_caption(scene, self.styles, rng) for scene in scenes]
         input_ids, mask = self.tokenize(texts)
         pixels = scene_pixels(scenes)
         return {"pixel_values": pixels, "input_ids": input_ids, "attention_mask": mask}

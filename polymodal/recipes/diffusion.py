@@ -199,12 +199,18 @@ def _job(config: DiffusionRecipeConfig, model: DiffusionModel, tokenizer, batche
         return ema.copy_to(plain_copy(model)) if ema is not None else model
 
     def grid(context: StepContext) -> None:
-        if context.out_dir is not None:
-            # Every rank: gathering FSDP2-managed weights is collective; a plain model samples as it is.
-            sampler = averaged() if ema is not None else plain_copy(model) if is_sharded(model) else model
-            if current_world()[0] == 0:
-                save_sample_grid(sampler, tokenizer, context.out_dir / "samples" / f"step-{context.step:07d}.png",
-                                 config)
+        if context.out_dir is None:
+            return
+        # Every rank takes part: gathering FSDP2-managed weights is collective.
+        if ema is not None:
+            sampler = averaged()
+        elif is_sharded(model):
+            sampler = plain_copy(model, main_only=True)  # rank 0 alone holds the whole weights (CPU)
+        else:
+            sampler = model
+        if current_world()[0] == 0:
+            save_sample_grid(sampler.to(next(model.parameters()).device), tokenizer,
+                             context.out_dir / "samples" / f"step-{context.step:07d}.png", config)
 
     callbacks = [ema] if ema is not None else []
     if config.sample_every:

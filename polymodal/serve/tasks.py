@@ -144,7 +144,7 @@ def embed_items(model, tokenizer, items: list, dimensions: int | None) -> tuple[
     encoder: texts through its text tower, images at its tower's resolution).
     """
     from polymodal.data.dual_encoder import image_array, pixels_from_uint8
-    from polymodal.eval.contrastive import encode_images, encode_texts, text_inputs
+    from polymodal.eval.contrastive import embed_token_rows, encode_images, text_inputs
 
     config = model.config
     texts = [(i, item) for i, item in enumerate(items) if isinstance(item, str)]
@@ -154,13 +154,13 @@ def embed_items(model, tokenizer, items: list, dimensions: int | None) -> tuple[
     if texts:
         if not hasattr(model, "encode_text"):
             raise APIError(400, "this model embeds images only; give image_url items", "input", "invalid_value")
-        _, _, needed, limit = text_inputs(model, tokenizer, [t for _, t in texts])
+        ids, mask, needed, limit = text_inputs(model, tokenizer, [t for _, t in texts])
         for (i, _), count in zip(texts, needed):
             if count > limit:
                 raise APIError(400, f"input[{i}] is {count} tokens; this model's text tower reads at most {limit}",
                                f"input[{i}]", "context_length_exceeded")
             tokens += count
-        for (i, _), vector in zip(texts, encode_texts(model, tokenizer, [t for _, t in texts])):
+        for (i, _), vector in zip(texts, embed_token_rows(model, ids, mask)):
             out[i] = vector
     if pictures:
         if not hasattr(model, "encode_image"):

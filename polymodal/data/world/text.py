@@ -161,6 +161,13 @@ def captions_of(scene: Scene, styles: Sequence[str]) -> list[str]:
     return [text for style in styles for text in _CAPTIONS[style](scene)]
 
 
+def draw_caption(scene: Scene, styles: Sequence[str], rng: np.random.Generator) -> str:
+    """One caption of `scene`: a style of `styles`, then one of its templates, each drawn
+    uniformly from `rng` (two draws, in that order)."""
+    templates = captions_of(scene, [styles[int(rng.integers(len(styles)))]])
+    return templates[int(rng.integers(len(templates)))]
+
+
 def all_captions(scene: Scene) -> list[str]:
     """Every short then every detailed caption of `scene` (the detailed ones include the grounded one)."""
     return captions_of(scene, ("short", "detailed"))

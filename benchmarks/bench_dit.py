@@ -3,10 +3,13 @@
 diffusers' model is built first (random weights, zero-initialised layers included, with one
 timestep/class embedder copied into every block as DiT checkpoints hold it), saved as a diffusers
 folder, and ours is loaded from that folder with `polymodal.load`; the two outputs are checked to
-agree before timing. Training steps (forward, MSE loss against a fixed target, backward, AdamW)
-and inference forwards run interleaved; the medians are reported as images/s with the ratio
-polymodal / diffusers. float32 on CPU. `--compile` compiles every block of both models
-(`torch.compile`, inductor) first.
+agree before timing. Training steps (forward, MSE loss against a fixed target, backward, one
+fused AdamW step, the optimizer `polymodal train` builds, on both sides) and inference forwards
+run interleaved; the medians are reported as images/s with the ratio polymodal / diffusers.
+float32 on CPU. Our DiT runs its norms, modulation, gated residuals and
+tanh-GELU through `polymodal.kernels` (fused C++ on CPU); a copy of it also runs in plain PyTorch
+(`plain_pytorch()`), so the table shows what the kernels add. `--compile` compiles every block of
+both models (`torch.compile`, inductor) first, and drops the plain copy.
 
 The training section also times the step's floor: the same matrix products (every linear layer
 at the shapes the forward gives it, forward and backward) and the same attention calls (SDPA,
@@ -19,11 +22,13 @@ against `polymodal.infer.images.generate_tensors` on a `latent_diffusion` model 
 two networks (loaded from the same folders), images/s and the ratio.
 
     python benchmarks/bench_dit.py --threads 2 [--iters 6] [--compile] [--json out.json]
+    python benchmarks/bench_dit.py --threads 2 --recipe configs/diffusion/world_class.yaml --batch 32
     python benchmarks/bench_dit.py --sampling --threads 2 [--steps 50] [--batch 8]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -39,6 +44,7 @@ from common import machine_info, save_json, time_interleaved  # noqa: E402
 
 from polymodal.api import load  # noqa: E402
 from polymodal.generators.dit import DiT  # noqa: E402
+from polymodal.kernels.loader import plain_pytorch  # noqa: E402
 
 
 def diffusers_kwargs(quick: bool = False, width: int = 256, depth: int = 8) -> dict:
@@ -49,6 +55,26 @@ def diffusers_kwargs(quick: bool = False, width: int = 256, depth: int = 8) -> d
                     patch_size=2, num_embeds_ada_norm=1000)
     return dict(num_attention_heads=width // 64, attention_head_dim=64, in_channels=4, out_channels=8,
                 num_layers=depth, sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
+
+
+def recipe_kwargs(path: str) -> dict:
+    """diffusers DiT arguments for the class-conditional DiT of a diffusion recipe (model.dit in its YAML).
+
+    diffusers' DiT conditions on class labels only and fixes the MLP at 4x the width, so the
+    recipe must be class-conditional with intermediate_size = 4 * hidden_size.
+    """
+    import yaml
+
+    from polymodal.generators.dit import DiTConfig
+
+    config = DiTConfig(**yaml.safe_load(Path(path).read_text())["model"]["dit"])
+    if not config.num_classes or config.pooled_dim or config.cross_attention_dim:
+        raise SystemExit(f"{path}: diffusers' DiT is class-conditional only; pick a class-conditional recipe")
+    if config.intermediate_size != 4 * config.hidden_size:
+        raise SystemExit(f"{path}: diffusers' DiT has intermediate_size = 4 * hidden_size")
+    return dict(num_attention_heads=config.num_heads, attention_head_dim=config.hidden_size // config.num_heads,
+                in_channels=config.in_channels, out_channels=config.out_channels, num_layers=config.num_layers,
+                sample_size=config.sample_size, patch_size=config.patch_size, num_embeds_ada_norm=config.num_classes)
 
 
 def build_pair(kwargs: dict, seed: int = 0) -> tuple[DiT, torch.nn.Module]:
@@ -156,10 +182,11 @@ def floor_step(model: DiT, inputs: tuple) -> Callable[[], None]:
 
 
 def bench(kwargs: dict, batch: int, warmup: int, iters: int, compile_blocks: bool = False) -> dict:
-    """Training and inference images/s of both models (every block compiled with
-    `compile_blocks`) and the training step's matmul + attention floor; outputs are checked to
-    agree first."""
+    """Training and inference images/s of both models and of our plain-PyTorch copy (or, with
+    `compile_blocks`, of both models with every block compiled), and the training step's matmul +
+    attention floor; outputs are checked to agree first."""
     ours, theirs = build_pair(kwargs)
+    plain = None if compile_blocks else copy.deepcopy(ours)
     data = make_batch(ours, batch)
     inputs = (data["latents"], data["timesteps"], data["class_labels"])
     floor = floor_step(ours, inputs)  # before compiling: a compiled block hides its layers from hooks
@@ -170,17 +197,27 @@ def bench(kwargs: dict, batch: int, warmup: int, iters: int, compile_blocks: boo
     def run_ours():
         return ours(*inputs)
 
+    def run_plain():
+        with plain_pytorch():
+            return plain(*inputs)
+
     def run_theirs():
         return theirs(*inputs).sample
 
-    ours.eval(), theirs.eval()
+    forwards = {"polymodal": run_ours, "diffusers": run_theirs}
+    if plain is not None:
+        forwards["polymodal_plain"] = run_plain
+    models = {"polymodal": ours, "diffusers": theirs, "polymodal_plain": plain}
+    for model in models.values():
+        if model is not None:
+            model.eval()
     with torch.no_grad():
-        diff = (run_ours() - run_theirs()).abs().max().item()
+        diff = max((forward() - run_theirs()).abs().max().item() for forward in forwards.values())
     if not diff < 1e-3:
         raise RuntimeError(f"polymodal and diffusers DiT outputs differ by {diff:.3g}: the weight copy is wrong")
 
     def stepper(model, forward):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
         def step():
             optimizer.zero_grad(set_to_none=True)
@@ -190,12 +227,16 @@ def bench(kwargs: dict, batch: int, warmup: int, iters: int, compile_blocks: boo
 
     # Train mode throughout the timed steps; diffusers' label embedder then drops 10% of the labels
     # (its built-in classifier-free-guidance dropout), which changes no amount of work.
-    ours.train(), theirs.train()
-    train = time_interleaved({"polymodal": stepper(ours, run_ours), "diffusers": stepper(theirs, run_theirs),
+    for model in models.values():
+        if model is not None:
+            model.train()
+    train = time_interleaved({**{name: stepper(models[name], forward) for name, forward in forwards.items()},
                               "floor": floor}, warmup, iters)
-    ours.eval(), theirs.eval()
+    for model in models.values():
+        if model is not None:
+            model.eval()
     with torch.no_grad():
-        infer = time_interleaved({"polymodal": run_ours, "diffusers": run_theirs}, warmup, iters)
+        infer = time_interleaved(forwards, warmup, iters)
     result = {"batch": batch, "max_abs_diff": diff, "params": sum(p.numel() for p in ours.parameters()),
               "config": kwargs, "compile": compile_blocks,
               "floor": {"step_s": train["floor"].median,
@@ -205,9 +246,12 @@ def bench(kwargs: dict, batch: int, warmup: int, iters: int, compile_blocks: boo
                                   "images_per_s": batch / t.median, "images_per_s_best": batch / t.best,
                                   "images_per_cpu_s": batch / t.cpu_median}
                            for name, t in times.items() if name != "floor"}
-        result[section]["ratio"] = {"median": times["diffusers"].median / times["polymodal"].median,
-                                    "best": times["diffusers"].best / times["polymodal"].best,
-                                    "cpu": times["diffusers"].cpu_median / times["polymodal"].cpu_median}
+        for name in forwards:
+            if name != "diffusers":
+                key = "ratio" if name == "polymodal" else "ratio_plain"
+                result[section][key] = {"median": times["diffusers"].median / times[name].median,
+                                        "best": times["diffusers"].best / times[name].best,
+                                        "cpu": times["diffusers"].cpu_median / times[name].cpu_median}
     return result
 
 
@@ -218,6 +262,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=None, help="images per step (default 16; 4 with --quick)")
     parser.add_argument("--width", type=int, default=256, help="hidden size, a multiple of 64 (default 256)")
     parser.add_argument("--depth", type=int, default=8, help="transformer blocks (default 8)")
+    parser.add_argument("--recipe", default=None,
+                        help="take the DiT of this class-conditional recipe (e.g. configs/diffusion/world_class.yaml) "
+                             "instead of --width/--depth")
     parser.add_argument("--iters", type=int, default=None, help="timed rounds (default 8; 2 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; 1 is steadier on a busy host")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -229,10 +276,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     batch = args.batch or (4 if args.quick else 16)
+    kwargs = recipe_kwargs(args.recipe) if args.recipe else diffusers_kwargs(args.quick, args.width, args.depth)
     iters = args.iters or (2 if args.quick else 8)
     if args.sampling:
         steps = 2 if args.quick else args.steps
-        result = bench_sampling(diffusers_kwargs(args.quick, args.width, args.depth), args.batch or (2 if args.quick else 8),
+        result = bench_sampling(kwargs, args.batch or (2 if args.quick else 8),
                                 steps, args.guidance, warmup=1, iters=iters)
         result["machine"] = machine_info("cpu")
         result["command"] = " ".join(["python"] + sys.argv)
@@ -245,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  ratio      {ratio['median']:8.2f} {ratio['best']:8.2f} {ratio['cpu']:8.2f}")
         save_json(result, args.json)
         return result
-    result = bench(diffusers_kwargs(args.quick, args.width, args.depth), batch, warmup=1 if args.quick else 2, iters=iters,
+    result = bench(kwargs, batch, warmup=1 if args.quick else 2, iters=iters,
                    compile_blocks=args.compile)
     result["machine"] = machine_info("cpu")
     result["machine"]["load_average_1m_end"] = os.getloadavg()[0]
@@ -254,14 +302,17 @@ def main(argv: list[str] | None = None) -> dict:
           f"cpu float32, {result['machine']['threads']} threads, load {result['machine']['load_average_1m']:.1f}, "
           f"max |diff| {result['max_abs_diff']:.2g})")
     # CPU seconds of this process are the steadier measure on a shared host (others' load adds wall time).
-    print(f"{'':22}{'images/s (median)':>20}{'images/s (best)':>18}{'images/CPU-s':>15}")
+    print(f"{'':26}{'images/s (median)':>16}{'images/s (best)':>18}{'images/CPU-s':>15}")
     for section in ("train", "inference"):
-        for name in ("polymodal", "diffusers"):
-            r = result[section][name]
-            print(f"{section + ' ' + name:22}{r['images_per_s']:>20.2f}{r['images_per_s_best']:>18.2f}"
-                  f"{r['images_per_cpu_s']:>15.2f}")
-        ratio = result[section]["ratio"]
-        print(f"{section + ' ratio':22}{ratio['median']:>20.2f}{ratio['best']:>18.2f}{ratio['cpu']:>15.2f}")
+        for name in ("polymodal", "polymodal_plain", "diffusers"):
+            if name in result[section]:
+                r = result[section][name]
+                print(f"{section + ' ' + name:26}{r['images_per_s']:>16.2f}{r['images_per_s_best']:>18.2f}"
+                      f"{r['images_per_cpu_s']:>15.2f}")
+        for key in ("ratio", "ratio_plain"):
+            if key in result[section]:
+                ratio = result[section][key]
+                print(f"{section + ' ' + key:26}{ratio['median']:>16.2f}{ratio['best']:>18.2f}{ratio['cpu']:>15.2f}")
     floor = result["floor"]
     print(f"train floor (the same matmuls + attention alone): {floor['step_s']:.3f} s/step, "
           f"{batch / floor['step_s']:.2f} images/s; diffusers / floor {floor['diffusers_over_floor']:.2f} "

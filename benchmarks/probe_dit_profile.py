@@ -28,7 +28,7 @@ FAMILIES = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::convolution", "aten::mkldnn_convolution"),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
                   "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
-    "gelu": ("aten::gelu", "aten::gelu_backward"),
+    "gelu": ("aten::gelu", "aten::gelu_backward", "_GeluTanh", "_GeluTanhBackward"),  # plain / polymodal.kernels
 }
 
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     forwards = {"polymodal": lambda: ours(*inputs), "diffusers": lambda: theirs(*inputs).sample}
     result = {}
     for (name, forward), model in zip(forwards.items(), (ours, theirs)):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as bench_dit.py
         model.train()
 
         def step(forward=forward, optimizer=optimizer):

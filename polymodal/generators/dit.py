@@ -38,6 +38,7 @@ from polymodal.bounds import (
     check_multiple,
 )
 from polymodal.errors import ConfigError
+from polymodal.kernels import adaln_modulate, gated_residual
 from polymodal.nn.attention import Attention
 from polymodal.nn.mlp import ACTIVATIONS, GeluMLP
 from polymodal.nn.patch_embed import PatchEmbed2D
@@ -128,39 +129,35 @@ def sincos_positions_2d(dim: int, grid_h: int, grid_w: int, base: int) -> torch.
     return torch.cat([cols, rows], dim=-1).reshape(grid_h * grid_w, dim).float()
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x * (1 + scale) + shift in one fused op; x (B, N, D), shift/scale (B, 1, D)."""
-    return torch.addcmul(shift, x, 1 + scale)
-
-
 class DiTBlock(nn.Module):
     """One adaLN-Zero transformer block, with an optional cross-attention sublayer.
 
     forward(x (B, N, D), c (B, D) = SiLU of the conditioning vector, context (B, S, cross_dim) |
     None) -> (B, N, D). `modulation` regresses (shift, scale, gate) for attention and the MLP.
+    The affine-free norms, their modulation and the gated residuals run as `polymodal.kernels`
+    (one fused pass each on CPU).
     """
 
     def __init__(self, config: DiTConfig):
         super().__init__()
         c, d = config, config.hidden_size
-        self.attn_norm = nn.LayerNorm(d, eps=c.norm_eps, elementwise_affine=False)
+        self.attn_norm_eps, self.mlp_norm_eps = c.norm_eps, c.mlp_norm_eps
         self.attn = Attention(d, c.num_heads, qkv_bias=c.qkv_bias, out_bias=True)
         if c.cross_attention_dim:
             self.cross_norm = nn.LayerNorm(d, eps=c.norm_eps)
             self.cross_attn = Attention(d, c.num_heads, qkv_bias=c.qkv_bias, out_bias=True, kv_dim=c.cross_attention_dim)
         else:
             self.cross_norm = self.cross_attn = None
-        self.mlp_norm = nn.LayerNorm(d, eps=c.mlp_norm_eps, elementwise_affine=False)
         self.mlp = GeluMLP(d, c.intermediate_size, act=c.act)
         self.modulation = nn.Linear(d, 6 * d)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         # Six (B, 1, D) views of one (B, 6D) row, in the DiT paper's order.
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c)[:, None].chunk(6, dim=-1)
-        x = torch.addcmul(x, gate_a, self.attn(modulate(self.attn_norm(x), shift_a, scale_a)))
+        x = gated_residual(x, gate_a, self.attn(adaln_modulate(x, shift_a, scale_a, self.attn_norm_eps)))
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.cross_norm(x), context=context)
-        return torch.addcmul(x, gate_m, self.mlp(modulate(self.mlp_norm(x), shift_m, scale_m)))
+        return gated_residual(x, gate_m, self.mlp(adaln_modulate(x, shift_m, scale_m, self.mlp_norm_eps)))
 
 
 class DiT(nn.Module):
@@ -184,7 +181,6 @@ class DiT(nn.Module):
         self.class_embedding = nn.Embedding(c.num_classes + 1, d) if c.num_classes else None
         self.pooled_embedder = GeluMLP(c.pooled_dim, d, act="silu", out_dim=d) if c.pooled_dim else None
         self.blocks = nn.ModuleList([DiTBlock(c) for _ in range(c.num_layers)])
-        self.final_norm = nn.LayerNorm(d, eps=c.norm_eps, elementwise_affine=False)
         self.final_modulation = nn.Linear(d, 2 * d)
         self.final_proj = nn.Linear(d, c.patch_size ** 2 * c.out_channels)
         self.reset_parameters()
@@ -263,7 +259,7 @@ class DiT(nn.Module):
         for block in self.blocks:
             x = block(x, cond, context)
         shift, scale = self.final_modulation(cond)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
-        x = self.final_proj(modulate(self.final_norm(x), shift, scale))  # (B, N, p*p*C_out)
+        x = self.final_proj(adaln_modulate(x, shift, scale, c.norm_eps))  # (B, N, p*p*C_out)
         # Each token holds a p x p x C_out patch, channels last: back to (B, C_out, H, W).
         x = x.view(b, h, w, p, p, c.out_channels).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
         return x.reshape(b, c.out_channels, height, width)

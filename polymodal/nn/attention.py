@@ -4,7 +4,8 @@ A mask reaching `attend` is one of: None (every query sees every key), the strin
 a boolean tensor broadcastable to (B, H, T_q, T_k) with True = may attend (CPU path, dense), a
 `polymodal.sequence.DocumentSpans` (CPU path for causal packed rows: one causal call per
 document), or a FlexAttention `BlockMask` built by `polymodal.sequence` (CUDA path, sparse
-blocks skipped).
+blocks skipped). Unmasked CPU training over at most 128 tokens runs `short_attention`
+(probabilities kept for the backward) instead of the SDPA flash kernel.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from polymodal.nn.kv_cache import KVCache
 from polymodal.nn.norms import HeadLayerNorm
 from polymodal.nn.rope import apply_rotary
+from polymodal.nn.short_attention import short_attention, use_short_attention
 from polymodal.sequence import DocumentSpans
 
 # Kinds of per-head query/key normalisation `Attention` can apply (None: none).
@@ -47,6 +49,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, scale: 
         if mask != "causal":
             raise ValueError(f"mask string must be 'causal', got {mask!r}")
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if mask is None and not gqa and use_short_attention(q, k, v):
+        return short_attention(q, k, v, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 

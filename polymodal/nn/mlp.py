@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from polymodal.kernels import gelu_tanh
+
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """CLIP's sigmoid approximation of GELU: x * sigmoid(1.702 x) (Radford et al., 2021)."""
@@ -13,7 +15,7 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 ACTIVATIONS = {
     "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_tanh": gelu_tanh,  # fused on CPU (polymodal.kernels)
     "quick_gelu": quick_gelu,
     "silu": F.silu,
 }

@@ -47,11 +47,18 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
 ) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters of `model`, decaying only ndim >= 2 parameters."""
+    """AdamW over the trainable parameters of `model`, decaying only ndim >= 2 parameters.
+
+    The fused kernel (one pass per parameter, much faster than the default loop on CPU)
+    serves plain parameters; sharded DTensor parameters (FSDP2) keep the default implementation.
+    """
     groups = param_groups(model, weight_decay)
     if not groups:
         raise ValueError(f"build_optimizer: {type(model).__name__} has no parameter with requires_grad=True")
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    params = [p for group in groups for p in group["params"]]
+    fused = all(type(p) is nn.Parameter and p.is_floating_point() for p in params) and \
+        len({p.device for p in params}) == 1
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
 
 
 def lr_at(

@@ -245,9 +245,19 @@ def test_bench_dit_runs_both_comparisons_quickly():
     train = bench_dit.main(["--quick", "--threads", "1", "--iters", "1"])
     assert train["max_abs_diff"] < 1e-4
     for section in ("train", "inference"):
-        assert all(_finite_positive(train[section][name]["images_per_s"]) for name in ("polymodal", "diffusers"))
+        assert all(_finite_positive(train[section][name]["images_per_s"])
+                   for name in ("polymodal", "polymodal_plain", "diffusers"))
+        assert _finite_positive(train[section]["ratio_plain"]["median"])
     sampling = bench_dit.main(["--quick", "--sampling", "--threads", "1", "--iters", "1"])
     assert _finite_positive(sampling["ratio"]["median"])
+
+
+def test_fresh_memory_probe_times_both_ways():
+    import probe_fresh_memory
+
+    result = probe_fresh_memory.main(["--threads", "1", "--calls", "2", "--shape", "4", "64"])
+    assert _finite_positive(result["gelu_reused_ms"]) and _finite_positive(result["gelu_fresh_ms"])
+    assert result["fresh_faults_per_call"] >= 0
 
 
 def test_bench_unified_runs_quickly_and_both_sides_start_from_the_same_loss():

@@ -229,3 +229,37 @@ def test_dense_mask_sdpa_matches_is_causal():
     torch.testing.assert_close(attend(q, k, v, rows, scale=0.1), _attention_by_hand(q, k, v, rows, 0.1),
                                atol=1e-5, rtol=1e-5)
     assert not torch.allclose(want, _attention_by_hand(q, k, v, everything), atol=1e-2)  # the mask matters
+
+
+def test_short_attention_matches_sdpa_forward_and_backward():
+    from polymodal.nn.short_attention import short_attention
+
+    q, k, v = (torch.randn(2, 3, n, 16, requires_grad=True) for n in (7, 11, 11))
+    grad = torch.randn(2, 3, 7, 16)
+    for scale in (None, 0.3):
+        ref = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+        out = short_attention(q, k, v, scale)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), ref_grads):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_short_attention_serves_only_unmasked_short_cpu_training(monkeypatch):
+    import polymodal.nn.attention as attention_module
+    import polymodal.nn.short_attention as short
+
+    calls = []
+    monkeypatch.setattr(attention_module, "short_attention", lambda *args: calls.append(args) or short.short_attention(*args))
+    q = torch.randn(1, 2, short.MAX_SHORT_TOKENS, 8, requires_grad=True)
+    attend(q, q, q)
+    assert len(calls) == 1
+    long = torch.randn(1, 2, short.MAX_SHORT_TOKENS + 1, 8, requires_grad=True)
+    attend(long, long, long)  # past the line: the flash kernel
+    attend(q, q, q, mask="causal")
+    attend(q, q, q, mask=torch.ones(1, 1, short.MAX_SHORT_TOKENS, short.MAX_SHORT_TOKENS, dtype=torch.bool))
+    with torch.no_grad():
+        attend(q, q, q)  # inference keeps SDPA
+    wide = q.detach().double().requires_grad_()
+    attend(wide, wide, wide)  # float32 only
+    assert len(calls) == 1

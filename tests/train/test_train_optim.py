@@ -21,6 +21,26 @@ def test_decay_only_matrices_and_skip_frozen_params():
                                                    id(model[2].bias), id(model[3].bias)}
 
 
+def test_plain_parameters_get_the_fused_adamw_and_it_steps_as_the_default_loop():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    reference = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    reference.load_state_dict(model.state_dict())
+    opt = build_optimizer(model, lr=1e-2, weight_decay=0.1)
+    assert opt.defaults["fused"]
+    groups = [{"params": [p for p in reference.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+              {"params": [p for p in reference.parameters() if p.ndim < 2], "weight_decay": 0.0}]
+    ref_opt = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    x = torch.randn(8, 6)
+    for _ in range(5):
+        for net, optimizer in ((model, opt), (reference, ref_opt)):
+            optimizer.zero_grad()
+            net(x).square().mean().backward()
+            optimizer.step()
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_fully_frozen_model_is_an_error():
     model = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad"):

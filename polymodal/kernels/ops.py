@@ -1,0 +1,102 @@
+"""Element-wise pieces of adaLN transformer blocks, fused on CPU, plain PyTorch elsewhere.
+
+Each function computes the same maths on every path. The fused path (float32 CPU tensors, the
+kernels built, not under torch.compile) calls `fused_cpu.cpp` through an autograd function that
+saves only what its backward kernel reads. Under torch.compile the plain path is traced so
+inductor fuses it; tanh-GELU is then written through the sigmoid identity, which inductor
+vectorises with exp rather than the slower tanh.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from polymodal.kernels.loader import fused_cpu, kernels
+
+# gelu_tanh(x) = 0.5 x (1 + tanh(u)) = x sigmoid(2u), 2u = x (_LINEAR + _CUBIC x^2) (Hendrycks & Gimpel 2016).
+_LINEAR = 2.0 * math.sqrt(2.0 / math.pi)
+_CUBIC = 0.044715 * _LINEAR
+
+
+def _fused(*tensors: torch.Tensor):
+    """The kernel module when every tensor is float32 on the CPU and we run eagerly; else None."""
+    if torch.compiler.is_compiling():
+        return None
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        return None
+    return kernels()
+
+
+class _GeluTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return fused_cpu().gelu_tanh_forward(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return fused_cpu().gelu_tanh_backward(grad.contiguous(), x)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (as F.gelu(x, approximate="tanh")); any shape."""
+    if _fused(x) is not None:
+        return _GeluTanh.apply(x.contiguous())
+    if torch.compiler.is_compiling():
+        return x * torch.sigmoid(x * (_LINEAR + _CUBIC * x * x))
+    return F.gelu(x, approximate="tanh")
+
+
+class _AdaLNModulate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+        y, mean, rstd = fused_cpu().adaln_forward(x, shift, scale, eps)
+        ctx.save_for_backward(x, mean, rstd, scale)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, mean, rstd, scale = ctx.saved_tensors
+        grad_x, grad_shift, grad_scale = fused_cpu().adaln_backward(grad.contiguous(), x, mean, rstd, scale)
+        return grad_x, grad_shift, grad_scale, None
+
+
+def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """layer_norm(x) * (1 + scale) + shift, the norm without affine weights (DiT's adaLN).
+
+    x (B, N, D); shift, scale (B, 1, D) or (B, D), one row per sample -> (B, N, D).
+    """
+    b, _, d = x.shape
+    if _fused(x, shift, scale) is not None:
+        return _AdaLNModulate.apply(x.contiguous(), shift.reshape(b, d).contiguous(),
+                                    scale.reshape(b, d).contiguous(), float(eps))
+    normed = F.layer_norm(x, (d,), eps=eps)
+    return torch.addcmul(shift.reshape(b, 1, d), normed, 1 + scale.reshape(b, 1, d))
+
+
+class _GatedResidual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, y)
+        return torch.addcmul(x, gate[:, None], y)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        gate, y = ctx.saved_tensors
+        grad_y, grad_gate = fused_cpu().gated_residual_backward(grad.contiguous(), y, gate)
+        return grad, grad_gate, grad_y
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + gate * y, the adaLN-Zero residual. x, y (B, N, D); gate (B, 1, D) or (B, D) -> (B, N, D)."""
+    b, _, d = x.shape
+    if _fused(x, gate, y) is not None:
+        return _GatedResidual.apply(x, gate.reshape(b, d).contiguous(), y.contiguous())
+    return torch.addcmul(x, gate.reshape(b, 1, d), y)

@@ -41,7 +41,7 @@ from polymodal.checkpoint import TOKENIZER_FILE, load_state_dict_checked, save_c
 from polymodal.config import config_from_mapping
 from polymodal.errors import CheckpointError, NotACheckpointError
 from polymodal.models.registry import config_to_dict, get_family
-from polymodal.train.optim import Optimization
+from polymodal.train.optim import Optimization, keep_implementation
 from polymodal.train.state import (
     LATEST_FILE, STATE_JSON, STATE_TENSORS, TrainingState, capture_rng, checkpoint_name, load_training_state,
     restore_rng, save_training_state,
@@ -250,6 +250,7 @@ class DistributedCheckpointer:
                 flat = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
                 flat.update(saved.optimizers[name])
                 set_optimizer_state_dict(model, o.optimizer, flat, options=_options())
+            keep_implementation(o.optimizer)
             if o.scheduler is not None:
                 o.scheduler.load_state_dict(saved.schedulers[name])
         for name, value in extra.items():

@@ -87,13 +87,14 @@ torch::Tensor gelu_tanh_backward(const torch::Tensor& grad, const torch::Tensor&
       Vec v2 = v * v;
       Vec s = one / (one + (v * at::vec::fmadd(cubic, v2, linear)).neg().exp_u20());
       Vec dz = at::vec::fmadd(cubic3, v2, linear);
-      Vec d = s * at::vec::fmadd(v * (one - s), dz, one);
+      // s + (x s)(1 - s) z': x s stays finite where s underflows to 0, so huge negative x gives 0, not NaN.
+      Vec d = at::vec::fmadd((v * s) * (one - s), dz, s);
       (Vec::loadu(gp + i) * d).store(op + i);
     }
     for (; i < end; ++i) {
       float v = xp[i];
       float s = sigmoid(v * (kLinear + kCubic * v * v));
-      op[i] = gp[i] * s * (1.0f + v * (1.0f - s) * (kLinear + 3.0f * kCubic * v * v));
+      op[i] = gp[i] * (s + (v * s) * (1.0f - s) * (kLinear + 3.0f * kCubic * v * v));
     }
   });
   return gx;

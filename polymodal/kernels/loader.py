@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -26,6 +27,9 @@ SOURCE = Path(__file__).with_name("fused_cpu.cpp")
 log = logging.getLogger("polymodal.kernels")
 # The kernels use at::vec at eight float lanes; AVX-512 machines run AVX2 code too.
 SUPPORTED_CAPABILITIES = ("AVX2", "AVX512")
+# torch's build lock (`lock` in the build folder) is waited on forever; a build takes about a
+# minute, so a lock this old was left by an interrupted one.
+STALE_LOCK_SECONDS = 15 * 60
 AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 
 
@@ -67,6 +71,11 @@ def _build_source() -> tuple[str, Path]:
     name = f"polymodal_fused_cpu_{hashlib.sha256(key).hexdigest()[:12]}"
     folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
     folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+        warnings.warn(f"removing {lock}, left by a kernel build interrupted over {STALE_LOCK_SECONDS // 60} "
+                      "minutes ago", stacklevel=3)
+        lock.unlink(missing_ok=True)
     source = folder / SOURCE.name
     if not source.exists() or source.read_bytes() != text:
         partial = folder / f".{SOURCE.name}.{os.getpid()}"

@@ -57,7 +57,7 @@ from polymodal.models.registry import config_to_dict
 from polymodal.plots import save_loss_plot
 from polymodal.train.data import is_resumable
 from polymodal.train.interrupt import stop_requests
-from polymodal.train.optim import Optimization, default_optimization
+from polymodal.train.optim import Optimization, default_optimization, keep_implementation
 from polymodal.train.state import (
     TrainingState,
     capture_rng,
@@ -338,6 +338,7 @@ def _restore_newest_intact(candidates: list[Path], model: nn.Module, optimizatio
         load_state_dict_checked(model, weights, source=str(folder))
         for name, o in optimizations.items():
             o.optimizer.load_state_dict(saved.optimizers[name])
+            keep_implementation(o.optimizer)
             if o.scheduler is not None:
                 o.scheduler.load_state_dict(saved.schedulers[name])
         for name, value in extra.items():

@@ -61,6 +61,22 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
 
 
+# Param-group settings that choose the kernel, not the maths.
+IMPLEMENTATION_FLAGS = ("fused", "foreach")
+
+
+def keep_implementation(optimizer: torch.optim.Optimizer) -> None:
+    """Put back the kernel choice (fused / foreach) `optimizer` was built with, after loading a state.
+
+    `load_state_dict` copies every param-group setting from the checkpoint, these included, so a
+    checkpoint written before the fused AdamW (or by a sharded run) would switch the kernel.
+    """
+    for group in optimizer.param_groups:
+        for flag in IMPLEMENTATION_FLAGS:
+            if flag in optimizer.defaults:
+                group[flag] = optimizer.defaults[flag]
+
+
 def lr_at(
     step: int,
     *,

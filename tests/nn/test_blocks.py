@@ -262,4 +262,7 @@ def test_short_attention_serves_only_unmasked_short_cpu_training(monkeypatch):
         attend(q, q, q)  # inference keeps SDPA
     wide = q.detach().double().requires_grad_()
     attend(wide, wide, wide)  # float32 only
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q, q, q)  # autocast keeps SDPA, whose backward takes the bf16/float32 mix
+    out.float().sum().backward()
     assert len(calls) == 1

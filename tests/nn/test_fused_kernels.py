@@ -1,4 +1,6 @@
 """polymodal.kernels: the fused CPU kernels against plain PyTorch in float64, their fallbacks, and DiT on both paths."""
+import os
+import time
 import warnings
 
 import pytest
@@ -179,3 +181,23 @@ def test_the_kernels_refuse_mismatched_shapes_by_name():
         kernels.adaln_forward(x, torch.randn(2, 7), torch.randn(2, 8), 1e-6)
     with pytest.raises(RuntimeError, match="must be a contiguous float32 CPU tensor"):
         kernels.gelu_tanh_forward(torch.randn(4, 4).t())
+
+
+def test_a_lock_left_by_an_interrupted_build_is_removed(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    name, _ = loader._build_source()
+    lock = tmp_path / name / "lock"
+    lock.touch()
+    loader._build_source()
+    assert lock.exists()  # a fresh lock belongs to a build under way
+    old = time.time() - loader.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="left by a kernel build interrupted"):
+        loader._build_source()
+    assert not lock.exists()
+
+
+def test_gelu_gradient_is_zero_far_into_the_negative_tail():
+    x = torch.tensor([-1e15, -3e18] * 8, requires_grad=True)
+    gelu_tanh(x).sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))

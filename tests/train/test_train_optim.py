@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from polymodal.train.optim import build_optimizer, build_scheduler, lr_at
+from polymodal.train.optim import build_optimizer, build_scheduler, keep_implementation, lr_at, param_groups
 
 
 def test_decay_only_matrices_and_skip_frozen_params():
@@ -39,6 +39,19 @@ def test_plain_parameters_get_the_fused_adamw_and_it_steps_as_the_default_loop()
             optimizer.step()
     for got, want in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_resumed_state_keeps_the_kernel_the_optimizer_was_built_with():
+    model = nn.Linear(4, 3)
+    older = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-3, foreach=False)  # a state from before fused
+    model(torch.randn(2, 4)).sum().backward()
+    older.step()
+    opt = build_optimizer(model, lr=1e-3)
+    opt.load_state_dict(older.state_dict())
+    assert not opt.param_groups[0]["fused"]  # load_state_dict copied the old group's settings
+    keep_implementation(opt)
+    assert all(group["fused"] and group["foreach"] is None for group in opt.param_groups)
+    opt.step()
 
 
 def test_fully_frozen_model_is_an_error():

@@ -205,12 +205,15 @@ def bench(kwargs: dict, batch: int, warmup: int, iters: int, compile_blocks: boo
         return theirs(*inputs).sample
 
     forwards = {"polymodal": run_ours, "diffusers": run_theirs}
+    models = {"polymodal": ours, "diffusers": theirs}
     if plain is not None:
-        forwards["polymodal_plain"] = run_plain
-    models = {"polymodal": ours, "diffusers": theirs, "polymodal_plain": plain}
-    for model in models.values():
-        if model is not None:
-            model.eval()
+        forwards["polymodal_plain"], models["polymodal_plain"] = run_plain, plain
+
+    def set_mode(train: bool) -> None:
+        for model in models.values():
+            model.train(train)
+
+    set_mode(False)
     with torch.no_grad():
         diff = max((forward() - run_theirs()).abs().max().item() for forward in forwards.values())
     if not diff < 1e-3:
@@ -227,14 +230,10 @@ def bench(kwargs: dict, batch: int, warmup: int, iters: int, compile_blocks: boo
 
     # Train mode throughout the timed steps; diffusers' label embedder then drops 10% of the labels
     # (its built-in classifier-free-guidance dropout), which changes no amount of work.
-    for model in models.values():
-        if model is not None:
-            model.train()
+    set_mode(True)
     train = time_interleaved({**{name: stepper(models[name], forward) for name, forward in forwards.items()},
                               "floor": floor}, warmup, iters)
-    for model in models.values():
-        if model is not None:
-            model.eval()
+    set_mode(False)
     with torch.no_grad():
         infer = time_interleaved(forwards, warmup, iters)
     result = {"batch": batch, "max_abs_diff": diff, "params": sum(p.numel() for p in ours.parameters()),

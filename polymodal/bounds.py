@@ -67,6 +67,16 @@ def check_multiple(owner: str, name: str, value: int, divisor_name: str, divisor
         raise ConfigError(f"{owner}.{name} ({value}) must be a multiple of {divisor_name} ({divisor})")
 
 
+def check_transformer_sizes(owner: str, config, min_layers: int = 1) -> None:
+    """Check a transformer config's hidden_size, num_layers, num_heads (hidden_size a multiple of
+    it) and intermediate_size against the bounds above, in that order."""
+    check_int(owner, "hidden_size", config.hidden_size, 1, MAX_WIDTH)
+    check_int(owner, "num_layers", config.num_layers, min_layers, MAX_LAYERS)
+    check_int(owner, "num_heads", config.num_heads, 1, MAX_HEADS)
+    check_multiple(owner, "hidden_size", config.hidden_size, "num_heads", config.num_heads)
+    check_int(owner, "intermediate_size", config.intermediate_size, 1, MAX_INTERMEDIATE)
+
+
 def check_token_id(owner: str, name: str, value, vocab_size: int) -> None:
     """Raise `ConfigError` unless `value` is None or a token id of a `vocab_size` vocabulary."""
     if value is not None:

@@ -16,16 +16,12 @@ import torch
 import torch.nn as nn
 
 from polymodal.bounds import (
-    MAX_HEADS,
-    MAX_INTERMEDIATE,
-    MAX_LAYERS,
     MAX_POSITIONS,
     MAX_VOCAB,
-    MAX_WIDTH,
     check_float,
     check_int,
-    check_multiple,
     check_token_id,
+    check_transformer_sizes,
 )
 from polymodal.nn.attention import Attention
 from polymodal.nn.mlp import GeluMLP
@@ -51,11 +47,7 @@ class BertConfig:
         """Check every size against `polymodal.bounds` before anything is built."""
         owner = "BertConfig"
         check_int(owner, "vocab_size", self.vocab_size, 1, MAX_VOCAB)
-        check_int(owner, "hidden_size", self.hidden_size, 1, MAX_WIDTH)
-        check_int(owner, "num_layers", self.num_layers, 1, MAX_LAYERS)
-        check_int(owner, "num_heads", self.num_heads, 1, MAX_HEADS)
-        check_multiple(owner, "hidden_size", self.hidden_size, "num_heads", self.num_heads)
-        check_int(owner, "intermediate_size", self.intermediate_size, 1, MAX_INTERMEDIATE)
+        check_transformer_sizes(owner, self)
         check_int(owner, "max_position_embeddings", self.max_position_embeddings, 1, MAX_POSITIONS)
         check_int(owner, "type_vocab_size", self.type_vocab_size, 1, MAX_VOCAB)
         check_float(owner, "norm_eps", self.norm_eps, 0, 1, low_open=True)

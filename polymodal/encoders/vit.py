@@ -17,16 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from polymodal.bounds import (
-    MAX_HEADS,
     MAX_IMAGE_CHANNELS,
     MAX_IMAGE_SIZE,
-    MAX_INTERMEDIATE,
-    MAX_LAYERS,
     MAX_POSITIONS,
-    MAX_WIDTH,
     check_float,
     check_int,
-    check_multiple,
+    check_transformer_sizes,
 )
 from polymodal.nn.attention import Attention
 from polymodal.nn.mlp import GeluMLP
@@ -66,11 +62,7 @@ class ViTConfig:
         # The position table holds grid^2 rows: keep the patches per image within the positions bound.
         check_int(owner, "image_size // patch_size", self.grid, 1, math.isqrt(MAX_POSITIONS))
         check_int(owner, "num_channels", self.num_channels, 1, MAX_IMAGE_CHANNELS)
-        check_int(owner, "hidden_size", self.hidden_size, 1, MAX_WIDTH)
-        check_int(owner, "num_layers", self.num_layers, 0, MAX_LAYERS)  # 0: the patch projection alone
-        check_int(owner, "num_heads", self.num_heads, 1, MAX_HEADS)
-        check_multiple(owner, "hidden_size", self.hidden_size, "num_heads", self.num_heads)
-        check_int(owner, "intermediate_size", self.intermediate_size, 1, MAX_INTERMEDIATE)
+        check_transformer_sizes(owner, self, min_layers=0)  # 0 layers: the patch projection alone
         check_float(owner, "norm_eps", self.norm_eps, 0, 1, low_open=True)
 
 

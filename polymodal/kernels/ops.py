@@ -21,13 +21,13 @@ _LINEAR = 2.0 * math.sqrt(2.0 / math.pi)
 _CUBIC = 0.044715 * _LINEAR
 
 
-def _fused(*tensors: torch.Tensor):
-    """The kernel module when every tensor is float32 on the CPU and we run eagerly; else None."""
+def _fused(*tensors: torch.Tensor) -> bool:
+    """True when every tensor is float32 on the CPU, we run eagerly and the kernels are at hand."""
     if torch.compiler.is_compiling():
-        return None
+        return False
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
-        return None
-    return kernels()
+        return False
+    return kernels() is not None
 
 
 class _GeluTanh(torch.autograd.Function):
@@ -45,7 +45,7 @@ class _GeluTanh(torch.autograd.Function):
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GELU with the tanh approximation (as F.gelu(x, approximate="tanh")); any shape."""
-    if _fused(x) is not None:
+    if _fused(x):
         return _GeluTanh.apply(x.contiguous())
     if torch.compiler.is_compiling():
         return x * torch.sigmoid(x * (_LINEAR + _CUBIC * x * x))
@@ -73,7 +73,7 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
     x (B, N, D); shift, scale (B, 1, D) or (B, D), one row per sample -> (B, N, D).
     """
     b, _, d = x.shape
-    if _fused(x, shift, scale) is not None:
+    if _fused(x, shift, scale):
         return _AdaLNModulate.apply(x.contiguous(), shift.reshape(b, d).contiguous(),
                                     scale.reshape(b, d).contiguous(), float(eps))
     normed = F.layer_norm(x, (d,), eps=eps)
@@ -97,6 +97,6 @@ class _GatedResidual(torch.autograd.Function):
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x + gate * y, the adaLN-Zero residual. x, y (B, N, D); gate (B, 1, D) or (B, D) -> (B, N, D)."""
     b, _, d = x.shape
-    if _fused(x, gate, y) is not None:
+    if _fused(x, gate, y):
         return _GatedResidual.apply(x, gate.reshape(b, d).contiguous(), y.contiguous())
     return torch.addcmul(x, gate.reshape(b, 1, d), y)

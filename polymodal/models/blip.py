@@ -34,16 +34,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from polymodal.bounds import (
-    MAX_HEADS,
-    MAX_INTERMEDIATE,
-    MAX_LAYERS,
     MAX_POSITIONS,
     MAX_VOCAB,
     MAX_WIDTH,
     check_float,
     check_int,
-    check_multiple,
     check_token_id,
+    check_transformer_sizes,
 )
 from polymodal.encoders.convnet import ConvNetConfig
 from polymodal.encoders.table import build_encoder, encoder_spec
@@ -79,11 +76,7 @@ class MEDConfig:
     def __post_init__(self) -> None:
         owner = "MEDConfig"
         check_int(owner, "vocab_size", self.vocab_size, 1, MAX_VOCAB)
-        check_int(owner, "hidden_size", self.hidden_size, 1, MAX_WIDTH)
-        check_int(owner, "num_layers", self.num_layers, 1, MAX_LAYERS)
-        check_int(owner, "num_heads", self.num_heads, 1, MAX_HEADS)
-        check_multiple(owner, "hidden_size", self.hidden_size, "num_heads", self.num_heads)
-        check_int(owner, "intermediate_size", self.intermediate_size, 1, MAX_INTERMEDIATE)
+        check_transformer_sizes(owner, self)
         check_int(owner, "max_positions", self.max_positions, 2, MAX_POSITIONS)
         check_float(owner, "norm_eps", self.norm_eps, 0, 1, low_open=True)
         activation(self.act)

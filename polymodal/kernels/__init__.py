@@ -1,15 +1,19 @@
-"""Fused CPU kernels: hand-written C++ for the element-wise work of adaLN transformer blocks.
+"""Fused CPU kernels: hand-written C++ for the element-wise work of adaLN transformer blocks and
+for short attention.
 
-    loader.py       `fused_cpu()`: builds `fused_cpu.cpp` on first use (torch.utils.cpp_extension,
-                    AVX2; cached under torch's extensions folder), or None where it cannot
+    loader.py       `fused_cpu()`: builds both C++ files into one module on first use
+                    (torch.utils.cpp_extension, AVX2, OpenMP; cached under torch's extensions
+                    folder), or None where it cannot
     fused_cpu.cpp   tanh-GELU, LayerNorm + adaLN modulation and the gated residual, forward and
-                    backward, each one pass over memory
-    ops.py          `gelu_tanh`, `adaln_modulate`, `gated_residual`: autograd functions over the
-                    kernels for float32 CPU tensors, and the same maths in plain PyTorch elsewhere
+                    backward, each one pass over memory; the module's bindings
+    attention_cpu.cpp  unmasked attention over at most a few hundred tokens, one head's score
+                    tile at a time through BLAS, probabilities kept for the backward
+    ops.py          `gelu_tanh`, `adaln_modulate`, `gated_residual`, `attention`: autograd functions
+                    over the kernels for float32 CPU tensors, the same maths in plain PyTorch elsewhere
                     (CUDA, other dtypes, under torch.compile, or without a compiler)
 
 Set POLYMODAL_FUSED_CPU=0 to use plain PyTorch everywhere.
 """
-from polymodal.kernels.ops import adaln_modulate, gated_residual, gelu_tanh
+from polymodal.kernels.ops import adaln_modulate, attention, fused_attention_applies, gated_residual, gelu_tanh
 
-__all__ = ["adaln_modulate", "gated_residual", "gelu_tanh"]
+__all__ = ["adaln_modulate", "attention", "fused_attention_applies", "gated_residual", "gelu_tanh"]

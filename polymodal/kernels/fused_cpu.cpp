@@ -1,5 +1,6 @@
 // Fused float32 CPU kernels for the adaLN transformer blocks (DiT): tanh-GELU, LayerNorm +
 // adaLN modulation, and the gated residual, each forward and backward in one pass over memory.
+// This file also holds the module's bindings, those of attention_cpu.cpp included.
 //
 // PyTorch runs these as chains of element-wise kernels (layer_norm, addcmul, mul, sum, ...), each
 // reading and writing the whole activation; and its tanh-GELU calls a vectorised tanh that costs
@@ -256,10 +257,25 @@ std::vector<torch::Tensor> gated_residual_backward(const torch::Tensor& grad, co
 
 }  // namespace
 
+// attention_cpu.cpp, compiled into the same module.
+namespace polymodal_attention {
+std::vector<torch::Tensor> attention_forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                             double scale, bool keep_probs);
+std::vector<torch::Tensor> attention_backward(const torch::Tensor& grad, const torch::Tensor& q, const torch::Tensor& k,
+                                              const torch::Tensor& v, const torch::Tensor& out,
+                                              const torch::Tensor& probs, double scale);
+bool attention_available();
+}  // namespace polymodal_attention
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gelu_tanh_forward", &gelu_tanh_forward, "tanh-GELU (x (...)) -> (...)");
   m.def("gelu_tanh_backward", &gelu_tanh_backward, "tanh-GELU gradient (grad, x) -> grad_x");
   m.def("adaln_forward", &adaln_forward, "LayerNorm + modulation (x, shift, scale, eps) -> (y, mean, rstd)");
   m.def("adaln_backward", &adaln_backward, "(grad, x, mean, rstd, scale) -> (grad_x, grad_shift, grad_scale)");
   m.def("gated_residual_backward", &gated_residual_backward, "(grad, y, gate) -> (grad_y, grad_gate)");
+  m.def("attention_forward", &polymodal_attention::attention_forward,
+        "softmax(q k^T scale) v (q, k, v, scale, keep_probs) -> (out, probs)");
+  m.def("attention_backward", &polymodal_attention::attention_backward,
+        "(grad, q, k, v, out, probs, scale) -> (grad_q, grad_k, grad_v)");
+  m.def("attention_available", &polymodal_attention::attention_available, "whether torch's BLAS exports sgemm_");
 }

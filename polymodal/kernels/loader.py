@@ -1,8 +1,8 @@
 """Build and load polymodal's fused CPU kernels on first use.
 
-`fused_cpu()` compiles `fused_cpu.cpp` with torch.utils.cpp_extension (a C++ compiler and ninja;
-about half a minute, once: later processes load the cached library from torch's extensions
-folder, `TORCH_EXTENSIONS_DIR`) and returns the module; or None where the kernels cannot be
+`fused_cpu()` compiles `fused_cpu.cpp` and `attention_cpu.cpp` into one module with
+torch.utils.cpp_extension (a C++ compiler and ninja; about a minute, once: later processes load
+the cached library from torch's extensions folder, `TORCH_EXTENSIONS_DIR`) and returns the module; or None where the kernels cannot be
 had: POLYMODAL_FUSED_CPU=0 (silently), a CPU without AVX2 or a failed build (one warning line).
 Callers then run the same maths in plain PyTorch, so nothing but speed depends on the build.
 `plain_pytorch()` turns the kernels off for a block of code (benchmarks time both paths).
@@ -23,14 +23,18 @@ from typing import Iterator
 
 import torch
 
-SOURCE = Path(__file__).with_name("fused_cpu.cpp")
+# One extension module: fused_cpu.cpp holds the bindings of both files.
+SOURCES = [Path(__file__).with_name(name) for name in ("fused_cpu.cpp", "attention_cpu.cpp")]
 log = logging.getLogger("polymodal.kernels")
 # The kernels use at::vec at eight float lanes; AVX-512 machines run AVX2 code too.
 SUPPORTED_CAPABILITIES = ("AVX2", "AVX512")
 # torch's build lock (`lock` in the build folder) is waited on forever; a build takes about a
 # minute, so a lock this old was left by an interrupted one.
 STALE_LOCK_SECONDS = 15 * 60
-AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+# -fopenmp: at::parallel_for is an inline OpenMP loop, serial in code compiled without it. Only
+# the compile gets the flag; at load time the OpenMP calls bind to the runtime torch already loaded,
+# so the kernels share torch's thread pool.
+AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 
 
 _plain_depth = 0  # > 0 inside `plain_pytorch()`
@@ -57,17 +61,17 @@ def kernels() -> ModuleType | None:
     return None if _plain_depth else fused_cpu()
 
 
-def _build_source() -> tuple[str, Path]:
-    """(module name, source path) in a build folder named by a digest of the source, flags, Python and torch.
+def _build_sources() -> tuple[str, list[Path]]:
+    """(module name, source paths) in a build folder named by a digest of the sources, flags, Python and torch.
 
-    ninja rebuilds whenever the source's path changes, so the source is copied into that folder:
+    ninja rebuilds whenever a source's path changes, so the sources are copied into that folder:
     every checkout of the same kernels (a second clone, the mutation check's copies) then shares
-    one build, and a changed source gets a folder of its own.
+    one build, and changed sources get a folder of their own.
     """
     from torch.utils.cpp_extension import get_default_build_root
 
-    text = SOURCE.read_bytes()
-    key = b"\0".join([text, " ".join(AVX2_FLAGS).encode(), sys.version.encode(), torch.__version__.encode()])
+    texts = [path.read_bytes() for path in SOURCES]
+    key = b"\0".join([*texts, " ".join(AVX2_FLAGS).encode(), sys.version.encode(), torch.__version__.encode()])
     name = f"polymodal_fused_cpu_{hashlib.sha256(key).hexdigest()[:12]}"
     folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,12 +80,15 @@ def _build_source() -> tuple[str, Path]:
         warnings.warn(f"removing {lock}, left by a kernel build interrupted over {STALE_LOCK_SECONDS // 60} "
                       "minutes ago", stacklevel=3)
         lock.unlink(missing_ok=True)
-    source = folder / SOURCE.name
-    if not source.exists() or source.read_bytes() != text:
-        partial = folder / f".{SOURCE.name}.{os.getpid()}"
-        partial.write_bytes(text)
-        partial.replace(source)  # atomic: a concurrent process never compiles half a file
-    return name, source
+    copies = []
+    for path, text in zip(SOURCES, texts):
+        copy = folder / path.name
+        if not copy.exists() or copy.read_bytes() != text:
+            partial = folder / f".{path.name}.{os.getpid()}"
+            partial.write_bytes(text)
+            partial.replace(copy)  # atomic: a concurrent process never compiles half a file
+        copies.append(copy)
+    return name, copies
 
 
 @functools.cache
@@ -98,9 +105,9 @@ def fused_cpu() -> ModuleType | None:
 
     log.info("loading polymodal's fused CPU kernels (the first time builds them: about a minute)")
     try:
-        name, source = _build_source()
-        return load(name=name, sources=[str(source)], extra_cflags=AVX2_FLAGS, build_directory=str(source.parent),
-                    verbose=False)
+        name, sources = _build_sources()
+        return load(name=name, sources=[str(path) for path in sources], extra_cflags=AVX2_FLAGS,
+                    build_directory=str(sources[0].parent), verbose=False)
     except Exception as err:  # no compiler, no ninja, a read-only cache folder: fall back, say why in one line
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         warnings.warn(f"polymodal fused CPU kernels could not be built ({reason}); using plain PyTorch "

@@ -1,4 +1,5 @@
-"""Element-wise pieces of adaLN transformer blocks, fused on CPU, plain PyTorch elsewhere.
+"""Element-wise pieces of adaLN transformer blocks and short unmasked attention, fused on CPU,
+plain PyTorch elsewhere.
 
 Each function computes the same maths on every path. The fused path (float32 CPU tensors, the
 kernels built, not under torch.compile) calls `fused_cpu.cpp` through an autograd function that
@@ -100,3 +101,62 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
     if _fused(x, gate, y):
         return _GatedResidual.apply(x, gate.reshape(b, d).contiguous(), y.contiguous())
     return torch.addcmul(x, gate.reshape(b, 1, d), y)
+
+
+# Past this many queries or keys one head's score tile outgrows the L2 cache and SDPA's flash
+# kernel is as fast (`benchmarks/bench_attention.py`).
+MAX_ATTENTION_TOKENS = 512
+# Below this many scores (B * H * T * S) a call is so small that the autograd function's Python
+# overhead (tens of microseconds) outweighs the gain, and SDPA keeps it.
+MIN_ATTENTION_SCORES = 16384
+
+
+def fused_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """True when `attention` runs the fused kernel: float32 CPU tensors, at most MAX_ATTENTION_TOKENS
+    queries and keys, at least MIN_ATTENTION_SCORES scores, outside autocast and torch.compile, and
+    the kernels at hand."""
+    # Under autocast SDPA runs the matmuls in bf16 and its backward takes the bf16/float32 mix.
+    if torch.is_autocast_enabled("cpu") or not _fused(q, k, v):
+        return False
+    *rows, queries, _ = q.shape
+    keys = k.shape[-2]
+    if not (queries <= MAX_ATTENTION_TOKENS and keys <= MAX_ATTENTION_TOKENS):
+        return False
+    return math.prod(rows) * queries * keys >= MIN_ATTENTION_SCORES and fused_cpu().attention_available()
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        out, probs = fused_cpu().attention_forward(q, k, v, scale, True)
+        ctx.save_for_backward(q, k, v, out, probs)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, out, probs = ctx.saved_tensors
+        grads = fused_cpu().attention_backward(_unit_last_stride(grad), q, k, v, out, probs, ctx.scale)
+        return *grads, None
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v without a mask, as F.scaled_dot_product_attention.
+
+    q (B, H, T, D), k (B, H, S, D), v (B, H, S, Dv) -> (B, H, T, Dv); scale defaults to 1/sqrt(D).
+    Where `fused_attention_applies`, one fused pass per head: training keeps the (B, H, T, S)
+    probabilities for the backward (more memory than SDPA, which keeps a row statistic, and no
+    second QK^T product); the output is laid out (B, T, H, Dv). Elsewhere SDPA.
+    """
+    if not fused_attention_applies(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _Attention.apply(q, k, v, scale)
+    return fused_cpu().attention_forward(q, k, v, scale, False)[0]

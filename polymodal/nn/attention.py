@@ -4,8 +4,10 @@ A mask reaching `attend` is one of: None (every query sees every key), the strin
 a boolean tensor broadcastable to (B, H, T_q, T_k) with True = may attend (CPU path, dense), a
 `polymodal.sequence.DocumentSpans` (CPU path for causal packed rows: one causal call per
 document), or a FlexAttention `BlockMask` built by `polymodal.sequence` (CUDA path, sparse
-blocks skipped). Unmasked CPU training over at most 128 tokens runs `short_attention`
-(probabilities kept for the backward) instead of the SDPA flash kernel.
+blocks skipped). Unmasked float32 CPU calls over at most 512 tokens run the fused kernel of
+`polymodal.kernels.attention` instead of the SDPA flash kernel; without the kernels, unmasked CPU
+training over at most 128 tokens runs `short_attention` (both keep the probabilities for the
+backward).
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from polymodal.kernels import attention as fused_attention
+from polymodal.kernels import fused_attention_applies
 from polymodal.nn.kv_cache import KVCache
 from polymodal.nn.norms import HeadLayerNorm
 from polymodal.nn.rope import apply_rotary
@@ -49,8 +53,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, scale: 
         if mask != "causal":
             raise ValueError(f"mask string must be 'causal', got {mask!r}")
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    if mask is None and not gqa and use_short_attention(q, k, v):
-        return short_attention(q, k, v, scale)
+    if mask is None and not gqa:
+        if fused_attention_applies(q, k, v):
+            return fused_attention(q, k, v, scale)
+        if use_short_attention(q, k, v):
+            return short_attention(q, k, v, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 

@@ -245,24 +245,26 @@ def test_short_attention_matches_sdpa_forward_and_backward():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_short_attention_serves_only_unmasked_short_cpu_training(monkeypatch):
+def test_without_the_kernels_short_attention_serves_only_unmasked_short_cpu_training(monkeypatch):
     import polymodal.nn.attention as attention_module
     import polymodal.nn.short_attention as short
+    from polymodal.kernels.loader import plain_pytorch
 
     calls = []
     monkeypatch.setattr(attention_module, "short_attention", lambda *args: calls.append(args) or short.short_attention(*args))
     q = torch.randn(1, 2, short.MAX_SHORT_TOKENS, 8, requires_grad=True)
-    attend(q, q, q)
-    assert len(calls) == 1
-    long = torch.randn(1, 2, short.MAX_SHORT_TOKENS + 1, 8, requires_grad=True)
-    attend(long, long, long)  # past the line: the flash kernel
-    attend(q, q, q, mask="causal")
-    attend(q, q, q, mask=torch.ones(1, 1, short.MAX_SHORT_TOKENS, short.MAX_SHORT_TOKENS, dtype=torch.bool))
-    with torch.no_grad():
-        attend(q, q, q)  # inference keeps SDPA
-    wide = q.detach().double().requires_grad_()
-    attend(wide, wide, wide)  # float32 only
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = attend(q, q, q)  # autocast keeps SDPA, whose backward takes the bf16/float32 mix
-    out.float().sum().backward()
+    with plain_pytorch():  # with the kernels built, the fused attention takes these calls (test_fused_attention.py)
+        attend(q, q, q)
+        assert len(calls) == 1
+        long = torch.randn(1, 2, short.MAX_SHORT_TOKENS + 1, 8, requires_grad=True)
+        attend(long, long, long)  # past the line: the flash kernel
+        attend(q, q, q, mask="causal")
+        attend(q, q, q, mask=torch.ones(1, 1, short.MAX_SHORT_TOKENS, short.MAX_SHORT_TOKENS, dtype=torch.bool))
+        with torch.no_grad():
+            attend(q, q, q)  # inference keeps SDPA
+        wide = q.detach().double().requires_grad_()
+        attend(wide, wide, wide)  # float32 only
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attend(q, q, q)  # autocast keeps SDPA, whose backward takes the bf16/float32 mix
+        out.float().sum().backward()
     assert len(calls) == 1

@@ -161,15 +161,17 @@ def test_checkouts_of_the_same_source_share_one_build_folder(monkeypatch, tmp_pa
     # ninja rebuilds when the source path changes, so the source is copied into a folder named by its digest.
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "builds"))
     names = []
-    for checkout, text in (("a", "int x;"), ("b", "int x;"), ("c", "int y;")):
-        source = tmp_path / checkout / "fused_cpu.cpp"
-        source.parent.mkdir()
-        source.write_text(text)
-        monkeypatch.setattr(loader, "SOURCE", source)
-        name, copied = loader._build_source()
-        assert copied.parent == tmp_path / "builds" / name and copied.read_text() == text
+    for checkout, texts in (("a", ("int x;", "int z;")), ("b", ("int x;", "int z;")), ("c", ("int x;", "int y;"))):
+        sources = [tmp_path / checkout / name for name in ("fused_cpu.cpp", "attention_cpu.cpp")]
+        sources[0].parent.mkdir()
+        for source, text in zip(sources, texts):
+            source.write_text(text)
+        monkeypatch.setattr(loader, "SOURCES", sources)
+        name, copied = loader._build_sources()
+        assert [path.parent for path in copied] == [tmp_path / "builds" / name] * 2
+        assert [path.read_text() for path in copied] == list(texts)
         names.append(name)
-    assert names[0] == names[1] != names[2]
+    assert names[0] == names[1] != names[2]  # a change in any source gets a folder of its own
 
 
 def test_the_kernels_refuse_mismatched_shapes_by_name():
@@ -185,15 +187,15 @@ def test_the_kernels_refuse_mismatched_shapes_by_name():
 
 def test_a_lock_left_by_an_interrupted_build_is_removed(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    name, _ = loader._build_source()
+    name, _ = loader._build_sources()
     lock = tmp_path / name / "lock"
     lock.touch()
-    loader._build_source()
+    loader._build_sources()
     assert lock.exists()  # a fresh lock belongs to a build under way
     old = time.time() - loader.STALE_LOCK_SECONDS - 60
     os.utime(lock, (old, old))
     with pytest.warns(UserWarning, match="left by a kernel build interrupted"):
-        loader._build_source()
+        loader._build_sources()
     assert not lock.exists()
 
 

@@ -1,0 +1,186 @@
+// Exact unmasked attention for short sequences on the CPU, one (batch, head) at a time.
+//
+// PyTorch's CPU SDPA is a flash kernel: it walks the keys in small blocks with an online softmax
+// and recomputes the probabilities in its backward. Up to a few hundred tokens the whole score
+// tile of one head (T x S floats) fits in the core's L2 cache, so here each head is three or four
+// BLAS calls at full size (sgemm from the BLAS torch links, MKL on x86) with the softmax and its
+// gradient done on the tile while it is in cache. Training keeps the probabilities for the
+// backward, which then needs no QK^T product again.
+//
+// Inputs are float32 CPU tensors q (B, H, T, D), k (B, H, S, D), v (B, H, S, Dv) of any strides
+// with a unit stride on the last dimension (views of one fused q/k/v projection are taken as
+// they are). Outputs and input gradients are laid out (B, T, H, D) and returned as (B, H, T, D)
+// views, the layout the output projection reads without a copy.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+// Fortran BLAS single-precision GEMM (LP64), exported by the BLAS torch is linked against.
+// Weak, so the module still loads where it is missing; `attention_available` then says so.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+namespace polymodal_attention {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+
+// Row-major C (m x n) = alpha op(A) op(B) + beta C with op(A) (m x k) and op(B) (k x n); lda, ldb
+// and ldc are row strides. A row-major matrix is its transpose in column-major terms, so this is
+// the column-major product C^T = op(B)^T op(A)^T.
+void gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
+          int ldb, float beta, float* c, int ldc) {
+  const char op_b = trans_b ? 'T' : 'N', op_a = trans_a ? 'T' : 'N';
+  sgemm_(&op_b, &op_a, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+}
+
+float sum_lanes(const Vec& v) { return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v); }
+
+// Softmax of one row of n scores, in place.
+void softmax_row(float* row, int64_t n) {
+  Vec vmax(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) vmax = at::vec::maximum(vmax, Vec::loadu(row + i));
+  float top = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+  for (; i < n; ++i) top = std::max(top, row[i]);
+  const Vec vtop(top);
+  Vec acc(0.0f);
+  for (i = 0; i + kLanes <= n; i += kLanes) {
+    Vec e = (Vec::loadu(row + i) - vtop).exp_u20();
+    e.store(row + i);
+    acc = acc + e;
+  }
+  float total = sum_lanes(acc);
+  for (; i < n; ++i) {
+    row[i] = std::exp(row[i] - top);
+    total += row[i];
+  }
+  const float inv = 1.0f / total;
+  const Vec vinv(inv);
+  for (i = 0; i + kLanes <= n; i += kLanes) (Vec::loadu(row + i) * vinv).store(row + i);
+  for (; i < n; ++i) row[i] *= inv;
+}
+
+// dS = P * (dP - rowsum(dO * O)) * scale for one row, written over dP.
+void softmax_grad_row(float* dp, const float* p, const float* grad_out, const float* out, int64_t n, int64_t dv,
+                      float scale) {
+  Vec acc(0.0f);
+  int64_t i = 0;
+  for (; i + kLanes <= dv; i += kLanes) acc = at::vec::fmadd(Vec::loadu(grad_out + i), Vec::loadu(out + i), acc);
+  float delta = sum_lanes(acc);
+  for (; i < dv; ++i) delta += grad_out[i] * out[i];
+  const Vec vdelta(delta), vscale(scale);
+  for (i = 0; i + kLanes <= n; i += kLanes) {
+    (Vec::loadu(p + i) * (Vec::loadu(dp + i) - vdelta) * vscale).store(dp + i);
+  }
+  for (; i < n; ++i) dp[i] = p[i] * (dp[i] - delta) * scale;
+}
+
+void check_operand(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4,
+              "polymodal attention_cpu: ", name, " must be a 4-D float32 CPU tensor (B, H, L, D)");
+  TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, "polymodal attention_cpu: ", name,
+              " must have a unit stride on its last dimension");
+  TORCH_CHECK(t.stride(2) <= std::numeric_limits<int>::max(), "polymodal attention_cpu: ", name, " rows are too far apart");
+}
+
+void check_operands(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  TORCH_CHECK(sgemm_ != nullptr, "polymodal attention_cpu: torch's BLAS exports no sgemm_");
+  check_operand(q, "q");
+  check_operand(k, "k");
+  check_operand(v, "v");
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(1) == q.size(1) && v.size(1) == q.size(1),
+              "polymodal attention_cpu: q, k and v must share batch and heads, got ", q.sizes(), ", ", k.sizes(),
+              " and ", v.sizes());
+  TORCH_CHECK(k.size(3) == q.size(3) && v.size(2) == k.size(2),
+              "polymodal attention_cpu: k must match q's head size and v k's length, got ", q.sizes(), ", ",
+              k.sizes(), " and ", v.sizes());
+}
+
+// Pointer to head (b, h) of a (B, H, L, D) tensor.
+const float* head(const torch::Tensor& t, int64_t b, int64_t h) {
+  return t.data_ptr<float>() + b * t.stride(0) + h * t.stride(1);
+}
+
+float* head_mut(torch::Tensor& t, int64_t b, int64_t h) { return t.data_ptr<float>() + b * t.stride(0) + h * t.stride(1); }
+
+// A (B, H, L, D) tensor stored as (B, L, H, D).
+torch::Tensor empty_heads_last(int64_t b, int64_t h, int64_t l, int64_t d, const torch::TensorOptions& options) {
+  return torch::empty({b, l, h, d}, options).transpose(1, 2);
+}
+
+}  // namespace
+
+// softmax(q k^T * scale) v. Returns (out (B, H, T, Dv), probs (B, H, T, S) when keep_probs, else
+// an empty tensor).
+std::vector<torch::Tensor> attention_forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                             double scale, bool keep_probs) {
+  check_operands(q, k, v);
+  const int64_t batch = q.size(0), heads = q.size(1), t_len = q.size(2), s_len = k.size(2);
+  const int d = static_cast<int>(q.size(3)), dv = static_cast<int>(v.size(3));
+  const int t = static_cast<int>(t_len), s = static_cast<int>(s_len);
+  auto out = empty_heads_last(batch, heads, t_len, dv, q.options());
+  auto probs = keep_probs ? torch::empty({batch, heads, t_len, s_len}, q.options()) : torch::empty({0}, q.options());
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(keep_probs ? 0 : t_len * s_len);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / heads, h = bh % heads;
+      float* p = keep_probs ? probs.data_ptr<float>() + bh * t_len * s_len : scratch.data();
+      gemm(false, true, t, s, d, static_cast<float>(scale), head(q, b, h), q.stride(2), head(k, b, h), k.stride(2),
+           0.0f, p, s);
+      for (int64_t row = 0; row < t_len; ++row) softmax_row(p + row * s_len, s_len);
+      gemm(false, false, t, dv, s, 1.0f, p, s, head(v, b, h), v.stride(2), 0.0f, head_mut(out, b, h), out.stride(2));
+    }
+  });
+  return {out, probs};
+}
+
+// Gradients of attention_forward from its saved out and probs: (grad_q, grad_k, grad_v).
+std::vector<torch::Tensor> attention_backward(const torch::Tensor& grad, const torch::Tensor& q, const torch::Tensor& k,
+                                              const torch::Tensor& v, const torch::Tensor& out,
+                                              const torch::Tensor& probs, double scale) {
+  check_operands(q, k, v);
+  check_operand(grad, "grad");
+  check_operand(out, "out");
+  const int64_t batch = q.size(0), heads = q.size(1), t_len = q.size(2), s_len = k.size(2);
+  TORCH_CHECK(grad.sizes() == out.sizes() && out.size(2) == t_len && out.size(3) == v.size(3),
+              "polymodal attention_cpu: grad and out must be (B, H, T, Dv), got ", grad.sizes(), " and ", out.sizes());
+  TORCH_CHECK(probs.is_contiguous() && probs.sizes() == torch::IntArrayRef({batch, heads, t_len, s_len}),
+              "polymodal attention_cpu: probs must be a contiguous (B, H, T, S) tensor, got ", probs.sizes());
+  const int d = static_cast<int>(q.size(3)), dv = static_cast<int>(v.size(3));
+  const int t = static_cast<int>(t_len), s = static_cast<int>(s_len);
+  auto grad_q = empty_heads_last(batch, heads, t_len, d, q.options());
+  auto grad_k = empty_heads_last(batch, heads, s_len, d, q.options());
+  auto grad_v = empty_heads_last(batch, heads, s_len, dv, q.options());
+  const float fscale = static_cast<float>(scale);
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> dp(t_len * s_len);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / heads, h = bh % heads;
+      const float* p = probs.data_ptr<float>() + bh * t_len * s_len;
+      const float *g = head(grad, b, h), *o = head(out, b, h);
+      gemm(true, false, s, dv, t, 1.0f, p, s, g, grad.stride(2), 0.0f, head_mut(grad_v, b, h), grad_v.stride(2));
+      gemm(false, true, t, s, dv, 1.0f, g, grad.stride(2), head(v, b, h), v.stride(2), 0.0f, dp.data(), s);
+      for (int64_t row = 0; row < t_len; ++row) {
+        softmax_grad_row(dp.data() + row * s_len, p + row * s_len, g + row * grad.stride(2), o + row * out.stride(2),
+                         s_len, dv, fscale);
+      }
+      gemm(false, false, t, d, s, 1.0f, dp.data(), s, head(k, b, h), k.stride(2), 0.0f, head_mut(grad_q, b, h),
+           grad_q.stride(2));
+      gemm(true, false, s, d, t, 1.0f, dp.data(), s, head(q, b, h), q.stride(2), 0.0f, head_mut(grad_k, b, h),
+           grad_k.stride(2));
+    }
+  });
+  return {grad_q, grad_k, grad_v};
+}
+
+bool attention_available() { return sgemm_ != nullptr; }
+
+}  // namespace polymodal_attention

@@ -56,28 +56,31 @@ def check_agreement(shape: tuple[int, int, int, int]) -> float:
 
 def bench(shapes, warmup: int, iters: int) -> list[dict]:
     """Median milliseconds of SDPA and of the fused kernel per shape, training and inference."""
-    rows = []
+    line = ops.MAX_ATTENTION_TOKENS
     ops.MAX_ATTENTION_TOKENS = max(shape[2] for shape in shapes)  # time the kernel past the line too
-    for shape in shapes:
-        probe = torch.empty(shape)
-        if not fused_attention_applies(probe, probe, probe):
-            raise SystemExit("the fused kernels are not available here (POLYMODAL_FUSED_CPU=0, no AVX2 or no compiler)")
-        diff = check_agreement(shape)
-        if not diff < 1e-3:
-            raise RuntimeError(f"fused attention and SDPA differ by {diff:.3g} at {shape}")
-        row = {"shape": shape, "max_abs_diff": diff}
-        for section, train in (("train", True), ("inference", False)):
-            fns = {"sdpa": runner(F.scaled_dot_product_attention, *shape, train)[1],
-                   "fused": runner(attention, *shape, train)[1]}
-            if train:
-                times = time_interleaved(fns, warmup, iters)
-            else:
-                with torch.no_grad():
-                    times = time_interleaved(fns, warmup, iters)
-            row[section] = {name: t.median * 1e3 for name, t in times.items()}
-            row[section]["ratio"] = times["sdpa"].median / times["fused"].median
-        rows.append(row)
-    return rows
+    try:
+        return [bench_shape(shape, warmup, iters) for shape in shapes]
+    finally:
+        ops.MAX_ATTENTION_TOKENS = line
+
+
+def bench_shape(shape: tuple[int, int, int, int], warmup: int, iters: int) -> dict:
+    """One shape's row: agreement, then SDPA and fused medians (ms) and their ratio, per section."""
+    probe = torch.empty(shape)
+    if not fused_attention_applies(probe, probe, probe):
+        raise SystemExit("the fused kernels are not available here (POLYMODAL_FUSED_CPU=0, no AVX2 or no compiler)")
+    diff = check_agreement(shape)
+    if not diff < 1e-3:
+        raise RuntimeError(f"fused attention and SDPA differ by {diff:.3g} at {shape}")
+    row = {"shape": shape, "max_abs_diff": diff}
+    for section, train in (("train", True), ("inference", False)):
+        fns = {"sdpa": runner(F.scaled_dot_product_attention, *shape, train)[1],
+               "fused": runner(attention, *shape, train)[1]}
+        with torch.set_grad_enabled(train):
+            times = time_interleaved(fns, warmup, iters)
+        row[section] = {name: t.median * 1e3 for name, t in times.items()}
+        row[section]["ratio"] = times["sdpa"].median / times["fused"].median
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict:

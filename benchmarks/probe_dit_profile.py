@@ -27,7 +27,8 @@ from common import machine_info, save_json  # noqa: E402
 FAMILIES = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::convolution", "aten::mkldnn_convolution"),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
-                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+                  "_Attention", "_AttentionBackward"),  # SDPA / polymodal.kernels
     "gelu": ("aten::gelu", "aten::gelu_backward", "_GeluTanh", "_GeluTanhBackward"),  # plain / polymodal.kernels
 }
 

@@ -20,26 +20,14 @@
 #include <limits>
 #include <vector>
 
-// Fortran BLAS single-precision GEMM (LP64), exported by the BLAS torch is linked against.
-// Weak, so the module still loads where it is missing; `attention_available` then says so.
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+#include "cpu_blas.h"
 
 namespace polymodal_attention {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
+using polymodal_blas::gemm;
 constexpr int64_t kLanes = Vec::size();
-
-// Row-major C (m x n) = alpha op(A) op(B) + beta C with op(A) (m x k) and op(B) (k x n); lda, ldb
-// and ldc are row strides. A row-major matrix is its transpose in column-major terms, so this is
-// the column-major product C^T = op(B)^T op(A)^T.
-void gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
-          int ldb, float beta, float* c, int ldc) {
-  const char op_b = trans_b ? 'T' : 'N', op_a = trans_a ? 'T' : 'N';
-  sgemm_(&op_b, &op_a, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
-}
 
 float sum_lanes(const Vec& v) { return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v); }
 
@@ -92,7 +80,7 @@ void check_operand(const torch::Tensor& t, const char* name) {
 }
 
 void check_operands(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
-  TORCH_CHECK(sgemm_ != nullptr, "polymodal attention_cpu: torch's BLAS exports no sgemm_");
+  TORCH_CHECK(polymodal_blas::blas_available(), "polymodal attention_cpu: torch's BLAS exports no sgemm_");
   check_operand(q, "q");
   check_operand(k, "k");
   check_operand(v, "v");
@@ -181,6 +169,6 @@ std::vector<torch::Tensor> attention_backward(const torch::Tensor& grad, const t
   return {grad_q, grad_k, grad_v};
 }
 
-bool attention_available() { return sgemm_ != nullptr; }
+bool attention_available() { return polymodal_blas::blas_available(); }
 
 }  // namespace polymodal_attention

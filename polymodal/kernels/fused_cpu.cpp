@@ -1,6 +1,6 @@
-// Fused float32 CPU kernels for the adaLN transformer blocks (DiT): tanh-GELU, LayerNorm +
-// adaLN modulation, and the gated residual, each forward and backward in one pass over memory.
-// This file also holds the module's bindings, those of attention_cpu.cpp included.
+// Fused float32 CPU kernels for the adaLN transformer blocks (DiT): tanh-GELU, LayerNorm + adaLN
+// modulation, and the gated residual, each forward and backward in one pass over memory.
+// This file also holds the module's bindings, those of attention_cpu.cpp and mlp_cpu.cpp included.
 //
 // PyTorch runs these as chains of element-wise kernels (layer_norm, addcmul, mul, sum, ...), each
 // reading and writing the whole activation; and its tanh-GELU calls a vectorised tanh that costs
@@ -21,13 +21,13 @@
 #include <cmath>
 #include <vector>
 
+#include "gelu_math.h"
+
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
+using namespace polymodal_gelu;
 constexpr int64_t kLanes = Vec::size();
-// gelu_tanh(x) = x * sigmoid(z), z = 2 sqrt(2/pi) (x + 0.044715 x^3) = x (kLinear + kCubic x^2).
-constexpr float kLinear = 1.5957691216057308f;
-constexpr float kCubic = 0.044715f * 1.5957691216057308f;
 constexpr int64_t kElementGrain = 32768;
 
 void check_input(const torch::Tensor& t, const char* name) {
@@ -46,8 +46,6 @@ float sum_lanes(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
-float sigmoid(float z) { return 1.0f / (1.0f + std::exp(-z)); }
-
 // Row chunks for reductions: a fixed split of [0, rows) into `chunks` ranges.
 int64_t chunk_count(int64_t rows) { return std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads())); }
 
@@ -57,46 +55,25 @@ torch::Tensor gelu_tanh_forward(const torch::Tensor& x) {
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, x.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
-    const Vec linear(kLinear), cubic(kCubic), one(1.0f);
     int64_t i = begin;
-    for (; i + kLanes <= end; i += kLanes) {
-      Vec v = Vec::loadu(xp + i);
-      Vec z = v * at::vec::fmadd(cubic, v * v, linear);
-      (v / (one + z.neg().exp_u20())).store(yp + i);
-    }
-    for (; i < end; ++i) {
-      float v = xp[i];
-      yp[i] = v * sigmoid(v * (kLinear + kCubic * v * v));
-    }
+    for (; i + kLanes <= end; i += kLanes) gelu_vec(Vec::loadu(xp + i)).store(yp + i);
+    for (; i < end; ++i) yp[i] = gelu_scalar(xp[i]);
   });
   return y;
 }
 
-// d/dx [x s(z)] = s + x s (1 - s) z'(x), z'(x) = kLinear + 3 kCubic x^2.
 torch::Tensor gelu_tanh_backward(const torch::Tensor& grad, const torch::Tensor& x) {
   check_input(grad, "grad");
   check_input(x, "x");
+  TORCH_CHECK(grad.sizes() == x.sizes(), "polymodal fused_cpu: grad must match x, got ", grad.sizes());
   auto gx = torch::empty_like(x);
   const float* xp = x.data_ptr<float>();
   const float* gp = grad.data_ptr<float>();
   float* op = gx.data_ptr<float>();
   at::parallel_for(0, x.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
-    const Vec linear(kLinear), cubic(kCubic), cubic3(3.0f * kCubic), one(1.0f);
     int64_t i = begin;
-    for (; i + kLanes <= end; i += kLanes) {
-      Vec v = Vec::loadu(xp + i);
-      Vec v2 = v * v;
-      Vec s = one / (one + (v * at::vec::fmadd(cubic, v2, linear)).neg().exp_u20());
-      Vec dz = at::vec::fmadd(cubic3, v2, linear);
-      // s + (x s)(1 - s) z': x s stays finite where s underflows to 0, so huge negative x gives 0, not NaN.
-      Vec d = at::vec::fmadd((v * s) * (one - s), dz, s);
-      (Vec::loadu(gp + i) * d).store(op + i);
-    }
-    for (; i < end; ++i) {
-      float v = xp[i];
-      float s = sigmoid(v * (kLinear + kCubic * v * v));
-      op[i] = gp[i] * (s + (v * s) * (1.0f - s) * (kLinear + 3.0f * kCubic * v * v));
-    }
+    for (; i + kLanes <= end; i += kLanes) (Vec::loadu(gp + i) * gelu_grad_vec(Vec::loadu(xp + i))).store(op + i);
+    for (; i < end; ++i) op[i] = gp[i] * gelu_grad_scalar(xp[i]);
   });
   return gx;
 }
@@ -267,6 +244,18 @@ std::vector<torch::Tensor> attention_backward(const torch::Tensor& grad, const t
 bool attention_available();
 }  // namespace polymodal_attention
 
+// mlp_cpu.cpp, compiled into the same module.
+namespace polymodal_mlp {
+std::vector<torch::Tensor> mlp_gelu_forward(const torch::Tensor& x, const torch::Tensor& w1,
+                                            const c10::optional<torch::Tensor>& b1, const torch::Tensor& w2,
+                                            const c10::optional<torch::Tensor>& b2, bool keep_hidden);
+std::vector<torch::Tensor> mlp_gelu_backward(const torch::Tensor& grad_y, const torch::Tensor& x,
+                                             const torch::Tensor& h, const torch::Tensor& w1,
+                                             const c10::optional<torch::Tensor>& b1, const torch::Tensor& w2,
+                                             const c10::optional<torch::Tensor>& b2);
+bool mlp_available();
+}  // namespace polymodal_mlp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gelu_tanh_forward", &gelu_tanh_forward, "tanh-GELU (x (...)) -> (...)");
   m.def("gelu_tanh_backward", &gelu_tanh_backward, "tanh-GELU gradient (grad, x) -> grad_x");
@@ -278,4 +267,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_backward", &polymodal_attention::attention_backward,
         "(grad, q, k, v, out, probs, scale) -> (grad_q, grad_k, grad_v)");
   m.def("attention_available", &polymodal_attention::attention_available, "whether torch's BLAS exports sgemm_");
+  m.def("mlp_gelu_forward", &polymodal_mlp::mlp_gelu_forward,
+        "fc2(gelu_tanh(fc1(x))) (x, w1, b1 | None, w2, b2 | None, keep_hidden) -> (y, h = fc1(x) | empty)");
+  m.def("mlp_gelu_backward", &polymodal_mlp::mlp_gelu_backward,
+        "(grad_y, x, h, w1, b1, w2, b2) -> (grad_x, grad_w1, grad_b1, grad_w2, grad_b2)");
+  m.def("mlp_available", &polymodal_mlp::mlp_available, "whether torch's BLAS exports sgemm_");
 }

@@ -1,6 +1,6 @@
 """Build and load polymodal's fused CPU kernels on first use.
 
-`fused_cpu()` compiles `fused_cpu.cpp` and `attention_cpu.cpp` into one module with
+`fused_cpu()` compiles `fused_cpu.cpp`, `attention_cpu.cpp` and `mlp_cpu.cpp` into one module with
 torch.utils.cpp_extension (a C++ compiler and ninja; about a minute, once: later processes load
 the cached library from torch's extensions folder, `TORCH_EXTENSIONS_DIR`) and returns the module; or None where the kernels cannot be
 had: POLYMODAL_FUSED_CPU=0 (silently), a CPU without AVX2 or a failed build (one warning line).
@@ -23,8 +23,9 @@ from typing import Iterator
 
 import torch
 
-# One extension module: fused_cpu.cpp holds the bindings of both files.
-SOURCES = [Path(__file__).with_name(name) for name in ("fused_cpu.cpp", "attention_cpu.cpp")]
+# One extension module: fused_cpu.cpp holds the bindings of every file; the headers are shared.
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("fused_cpu.cpp", "attention_cpu.cpp", "mlp_cpu.cpp", "cpu_blas.h", "gelu_math.h")]
 log = logging.getLogger("polymodal.kernels")
 # The kernels use at::vec at eight float lanes; AVX-512 machines run AVX2 code too.
 SUPPORTED_CAPABILITIES = ("AVX2", "AVX512")
@@ -106,8 +107,9 @@ def fused_cpu() -> ModuleType | None:
     log.info("loading polymodal's fused CPU kernels (the first time builds them: about a minute)")
     try:
         name, sources = _build_sources()
-        return load(name=name, sources=[str(path) for path in sources], extra_cflags=AVX2_FLAGS,
-                    build_directory=str(sources[0].parent), verbose=False)
+        compiled = [str(path) for path in sources if path.suffix == ".cpp"]
+        return load(name=name, sources=compiled, extra_cflags=AVX2_FLAGS, build_directory=str(sources[0].parent),
+                    verbose=False)
     except Exception as err:  # no compiler, no ninja, a read-only cache folder: fall back, say why in one line
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         warnings.warn(f"polymodal fused CPU kernels could not be built ({reason}); using plain PyTorch "

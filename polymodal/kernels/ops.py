@@ -160,3 +160,42 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _Attention.apply(q, k, v, scale)
     return fused_cpu().attention_forward(q, k, v, scale, False)[0]
+
+
+class _GeluMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                b2: torch.Tensor | None) -> torch.Tensor:
+        y, h = fused_cpu().mlp_gelu_forward(x, w1, b1, w2, b2, True)
+        ctx.save_for_backward(x, h, w1, b1, w2, b2)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, h, w1, b1, w2, b2 = ctx.saved_tensors
+        grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = fused_cpu().mlp_gelu_backward(grad.contiguous(), x, h, w1, b1,
+                                                                                   w2, b2)
+        return grad_x, grad_w1, None if b1 is None else grad_b1, grad_w2, None if b2 is None else grad_b2
+
+
+def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+             b2: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(gelu_tanh(F.linear(x, w1, b1)), w2, b2): x (..., D), w1 (H, D), b1 (H,), w2 (O, H),
+    b2 (O,) (biases optional) -> (..., O).
+
+    On the fused path (float32 CPU, the kernels built) each thread runs the whole MLP on a block of
+    rows while its hidden activations are in cache, and only fc1's output is kept for the
+    backward (`mlp_cpu.cpp`); elsewhere the two layers and the activation run one after another.
+    """
+    biases = [b for b in (b1, b2) if b is not None]
+    if _fused(x, w1, w2, *biases) and fused_cpu().mlp_available():
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        w1, w2 = w1.contiguous(), w2.contiguous()
+        b1, b2 = (None if b is None else b.contiguous() for b in (b1, b2))
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (flat, w1, w2, *biases)):
+            y = _GeluMLP.apply(flat, w1, b1, w2, b2)
+        else:  # inference: fc1's output never leaves the cache
+            y = fused_cpu().mlp_gelu_forward(flat, w1, b1, w2, b2, False)[0]
+        return y.view(*x.shape[:-1], w2.shape[0])
+    return F.linear(gelu_tanh(F.linear(x, w1, b1)), w2, b2)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from polymodal.kernels import attention as fused_attention
 from polymodal.kernels import fused_attention_applies
 from polymodal.nn.kv_cache import KVCache
+from polymodal.nn.linear import plain_linear
 from polymodal.nn.norms import HeadLayerNorm
 from polymodal.nn.rope import apply_rotary
 from polymodal.nn.short_attention import short_attention, use_short_attention
@@ -133,8 +134,8 @@ class Attention(nn.Module):
         self.k_norm = HeadLayerNorm(self.num_kv_heads, self.head_dim) if qk_norm else None
 
     def _plain_projections(self) -> bool:
-        """True when q/k/v are plain `nn.Linear` layers (no LoRA or other wrapper to honour)."""
-        return type(self.q_proj) is type(self.k_proj) is type(self.v_proj) is nn.Linear
+        """True when q/k/v are plain `nn.Linear` layers without hooks (nothing to honour in a fused matmul)."""
+        return plain_linear(self.q_proj, self.k_proj, self.v_proj)
 
     def _fused_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v (B, T, heads * head_dim each) of self-attention from one matmul.

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from polymodal.kernels import gelu_tanh
+from polymodal.kernels import gelu_mlp, gelu_tanh
+from polymodal.nn.linear import plain_linear
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -53,4 +54,6 @@ class GeluMLP(nn.Module):
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is gelu_tanh and plain_linear(self.fc1, self.fc2):
+            return gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)  # one fused pass on CPU
         return self.fc2(self.act(self.fc1(x)))

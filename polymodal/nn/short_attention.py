@@ -1,11 +1,14 @@
-"""Exact attention for short sequences on CPU during training, probabilities kept for the backward.
+"""Exact attention for short sequences on CPU during training, probabilities kept for the backward:
+the plain-PyTorch path, used where `polymodal.kernels` is not built or is turned off (with the
+kernels, `polymodal.kernels.attention` takes these calls and more).
 
 PyTorch's CPU SDPA (a flash kernel) recomputes the attention probabilities in its backward and
 works in blocks sized for long sequences. Up to `MAX_SHORT_TOKENS` keys and queries (a DiT
 over 64 patches, a ViT over 50), three batched matmuls and a softmax, with the (B, H, T, S)
 probabilities saved, run the forward and backward faster; past it the flash kernel wins
-(`benchmarks/bench_dit.py` times DiT steps on both sides of the line: `--recipe` at 64 tokens,
-the default config at 256). Inference keeps SDPA: without a backward there is nothing to save.
+(`benchmarks/bench_dit.py` with POLYMODAL_FUSED_CPU=0 times DiT steps on both sides of the line:
+`--recipe` at 64 tokens, the default config at 256). Inference keeps SDPA: without a backward
+there is nothing to save.
 """
 from __future__ import annotations
 

@@ -252,6 +252,28 @@ def test_bench_dit_runs_both_comparisons_quickly():
     assert _finite_positive(sampling["ratio"]["median"])
 
 
+def test_bench_dit_floor_records_every_linear_layer_of_our_dit():
+    # Unhooked, q/k/v run as one matmul and fc1 inside the GELU kernel; the floor must still see them.
+    import bench_dit
+
+    ours, _ = bench_dit.build_pair(bench_dit.diffusers_kwargs(quick=True))
+    data = bench_dit.make_batch(ours, 2)
+    recorded = [layer for layer, _ in bench_dit.linear_calls(ours, (data["latents"], data["timesteps"],
+                                                                      data["class_labels"]))]
+    every = [m for m in ours.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(recorded) == len(every) and {id(m) for m in recorded} == {id(m) for m in every}
+
+
+def test_bench_attention_times_both_sides_quickly():
+    import bench_attention
+
+    result = bench_attention.main(["--quick", "--threads", "1", "--iters", "1"])
+    for row in result["rows"]:
+        assert row["max_abs_diff"] < 1e-4
+        for section in ("train", "inference"):
+            assert all(_finite_positive(row[section][name]) for name in ("sdpa", "fused", "ratio"))
+
+
 def test_fresh_memory_probe_times_both_ways():
     import probe_fresh_memory
 

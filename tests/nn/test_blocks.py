@@ -268,3 +268,16 @@ def test_without_the_kernels_short_attention_serves_only_unmasked_short_cpu_trai
             out = attend(q, q, q)  # autocast keeps SDPA, whose backward takes the bf16/float32 mix
         out.float().sum().backward()
     assert len(calls) == 1
+
+
+def test_attention_projects_q_k_v_in_one_matmul_unless_a_layer_is_hooked():
+    from polymodal.nn.attention import FUSED_QKV_MIN_TOKENS
+
+    torch.manual_seed(0)
+    layer, x = Attention(16, 2, qkv_bias=True), torch.randn(1, FUSED_QKV_MIN_TOKENS, 16)
+    fused = layer(x)
+    shapes = []
+    for proj in (layer.q_proj, layer.k_proj, layer.v_proj):
+        proj.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    torch.testing.assert_close(layer(x), fused, rtol=1e-5, atol=1e-6)
+    assert shapes == [(1, FUSED_QKV_MIN_TOKENS, 16)] * 3  # each hooked projection ran its own forward

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from polymodal.generators.dit import DiT, dit_tiny
-from polymodal.kernels import adaln_modulate, gated_residual, gelu_tanh
+from polymodal.kernels import adaln_modulate, gated_residual, gelu_mlp, gelu_tanh
 from polymodal.kernels import loader
 from polymodal.kernels.loader import SUPPORTED_CAPABILITIES, fused_cpu, plain_pytorch
 
@@ -55,6 +55,44 @@ def test_gelu_tanh_matches_pytorch_forward_and_backward(shape):
     out, (out_grad,) = fused_grads(gelu_tanh, x, grad_out=grad)
     torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=1e-6)
     torch.testing.assert_close(out_grad.double(), ref_grad, rtol=2e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, hidden, out, bias", [((3, 37), 21, 37, True), ((2, 150, 40), 72, 24, False),
+                                                     ((300, 64), 96, 64, True)])
+def test_gelu_mlp_matches_pytorch_forward_and_backward(shape, hidden, out, bias):
+    # Widths with an AVX2 tail; 300 rows span several row blocks and both threads' chunks.
+    torch.manual_seed(0)
+    x, w1, w2 = torch.randn(shape), torch.randn(hidden, shape[-1]) * 0.3, torch.randn(out, hidden) * 0.3
+    b1, b2 = (torch.randn(hidden), torch.randn(out)) if bias else (None, None)
+    inputs = [t for t in (x, w1, b1, w2, b2) if t is not None]
+
+    def unpack(fn):
+        return lambda *t: fn(t[0], t[1], t[2], t[3], t[4]) if bias else fn(t[0], t[1], None, t[2], None)
+
+    def reference(x, w1, b1, w2, b2):
+        return F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
+
+    grad = torch.randn(*shape[:-1], out)
+    ref, ref_grads = reference_grads(unpack(reference), *inputs, grad_out=grad)
+    got, grads = fused_grads(unpack(gelu_mlp), *inputs, grad_out=grad)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    names = ["x", "w1", "b1", "w2", "b2"] if bias else ["x", "w1", "w2"]
+    for name, got_grad, want in zip(names, grads, ref_grads):
+        torch.testing.assert_close(got_grad.double(), want, rtol=1e-4, atol=1e-5 * max(1.0, want.abs().max().item()),
+                                   msg=f"grad of {name}")
+    with torch.no_grad():  # inference keeps no hidden activations and gives the same output
+        torch.testing.assert_close(unpack(gelu_mlp)(*inputs), got, rtol=0, atol=0)
+
+
+def test_gelu_mlp_module_keeps_the_hooks_of_its_layers():
+    from polymodal.nn.mlp import GeluMLP
+
+    mlp, x = GeluMLP(8, 24, act="gelu_tanh"), torch.randn(2, 3, 8)
+    fused = mlp(x)
+    seen = []
+    mlp.fc2.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    torch.testing.assert_close(mlp(x), fused, rtol=1e-5, atol=1e-6)
+    assert seen == [(2, 3, 8)]  # with a hooked layer the MLP runs layer by layer
 
 
 def test_gelu_tanh_propagates_nan():
@@ -183,6 +221,10 @@ def test_the_kernels_refuse_mismatched_shapes_by_name():
         kernels.adaln_forward(x, torch.randn(2, 7), torch.randn(2, 8), 1e-6)
     with pytest.raises(RuntimeError, match="must be a contiguous float32 CPU tensor"):
         kernels.gelu_tanh_forward(torch.randn(4, 4).t())
+    with pytest.raises(RuntimeError, match=r"w1 must be \(H, D\) and w2 \(O, H\)"):
+        kernels.mlp_gelu_forward(torch.randn(3, 4), torch.randn(6, 5), None, torch.randn(4, 6), None, True)
+    with pytest.raises(RuntimeError, match="b2 must have 4 entries, got 6"):
+        kernels.mlp_gelu_forward(torch.randn(3, 4), torch.randn(6, 4), None, torch.randn(4, 6), torch.randn(6), True)
 
 
 def test_a_lock_left_by_an_interrupted_build_is_removed(monkeypatch, tmp_path):

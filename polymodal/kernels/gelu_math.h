@@ -1,0 +1,42 @@
+// tanh-GELU and its derivative, vectorised (at::vec, eight float lanes under AVX2) and scalar, for
+// the kernels of fused_cpu.cpp and mlp_cpu.cpp.
+//
+// gelu_tanh(x) = 0.5 x (1 + tanh(u)) = x sigmoid(2u), 2u = x (kLinear + kCubic x^2): PyTorch's CPU
+// tanh costs about three exps, the sigmoid one.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+
+namespace polymodal_gelu {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr float kLinear = 1.5957691216057308f;  // 2 sqrt(2 / pi)
+constexpr float kCubic = 0.044715f * 1.5957691216057308f;
+
+inline float sigmoid(float z) { return 1.0f / (1.0f + std::exp(-z)); }
+
+inline Vec gelu_vec(const Vec& v) {
+  const Vec z = v * at::vec::fmadd(Vec(kCubic), v * v, Vec(kLinear));
+  return v / (Vec(1.0f) + z.neg().exp_u20());
+}
+
+inline float gelu_scalar(float v) { return v * sigmoid(v * (kLinear + kCubic * v * v)); }
+
+// d/dx [x s(z)] = s + x s (1 - s) z'(x), z'(x) = kLinear + 3 kCubic x^2.
+inline Vec gelu_grad_vec(const Vec& v) {
+  const Vec one(1.0f), v2 = v * v;
+  const Vec s = one / (one + (v * at::vec::fmadd(Vec(kCubic), v2, Vec(kLinear))).neg().exp_u20());
+  const Vec dz = at::vec::fmadd(Vec(3.0f * kCubic), v2, Vec(kLinear));
+  // s + (x s)(1 - s) z': x s stays finite where s underflows to 0, so huge negative x gives 0, not NaN.
+  return at::vec::fmadd((v * s) * (one - s), dz, s);
+}
+
+inline float gelu_grad_scalar(float v) {
+  const float s = sigmoid(v * (kLinear + kCubic * v * v));
+  return s + (v * s) * (1.0f - s) * (kLinear + 3.0f * kCubic * v * v);
+}
+
+}  // namespace polymodal_gelu

@@ -3,7 +3,8 @@
 The same pair `bench_dit.py` times (diffusers' `DiTTransformer2DModel` and ours loaded from its
 folder, same weights and batch) runs a few training steps under `torch.profiler`; self CPU time
 is summed per kernel family — matrix multiplies, fused attention, GELU (forward and backward),
-and everything else (norms, modulation, residuals, copies, the optimizer) — and printed per step.
+our fused MLP (its matrix multiplies and GELU in one), and everything else (norms, modulation,
+residuals, copies, the optimizer) — and printed per step.
 The profiler adds a cost to every op, and diffusers runs more ops per step, so the ratio under
 it overstates the real one: time with `bench_dit.py`, read where the time goes here.
 
@@ -30,6 +31,8 @@ FAMILIES = {
                   "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
                   "_Attention", "_AttentionBackward"),  # SDPA / polymodal.kernels
     "gelu": ("aten::gelu", "aten::gelu_backward", "_GeluTanh", "_GeluTanhBackward"),  # plain / polymodal.kernels
+    # polymodal.kernels' whole MLP (its GEMMs and GELU together; the matmul column then holds the rest)
+    "fused_mlp": ("_GeluMLP", "_GeluMLPBackward"),
 }
 
 

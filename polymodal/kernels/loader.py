@@ -1,9 +1,10 @@
 """Build and load polymodal's fused CPU kernels on first use.
 
-`fused_cpu()` compiles `fused_cpu.cpp`, `attention_cpu.cpp` and `mlp_cpu.cpp` into one module with
-torch.utils.cpp_extension (a C++ compiler and ninja; about a minute, once: later processes load
-the cached library from torch's extensions folder, `TORCH_EXTENSIONS_DIR`) and returns the module; or None where the kernels cannot be
-had: POLYMODAL_FUSED_CPU=0 (silently), a CPU without AVX2 or a failed build (one warning line).
+`fused_cpu()` compiles `fused_cpu.cpp`, `attention_cpu.cpp` and `mlp_cpu.cpp` into one module
+with torch.utils.cpp_extension (a C++ compiler and ninja; about a minute, once: later processes
+load the cached library from torch's extensions folder, `TORCH_EXTENSIONS_DIR`) and returns the
+module; or None where the kernels cannot be had: POLYMODAL_FUSED_CPU=0 (silently), a CPU without
+AVX2 or a failed build (one warning line).
 Callers then run the same maths in plain PyTorch, so nothing but speed depends on the build.
 `plain_pytorch()` turns the kernels off for a block of code (benchmarks time both paths).
 """

@@ -103,9 +103,10 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
     return torch.addcmul(x, gate.reshape(b, 1, d), y)
 
 
-# Past this many queries or keys one head's score tile outgrows the L2 cache and SDPA's flash
-# kernel is as fast (`benchmarks/bench_attention.py`).
-MAX_ATTENTION_TOKENS = 512
+# Up to this many queries and keys the kernel beat SDPA's flash kernel in every run of
+# `benchmarks/bench_attention.py` (1.1-1.5x in training); at 512 the runs split, and past it one
+# head's score tile outgrows the cache and the flash kernel wins.
+MAX_ATTENTION_TOKENS = 256
 # Below this many scores (B * H * T * S) a call is so small that the autograd function's Python
 # overhead (tens of microseconds) outweighs the gain, and SDPA keeps it.
 MIN_ATTENTION_SCORES = 16384

@@ -4,7 +4,7 @@ A mask reaching `attend` is one of: None (every query sees every key), the strin
 a boolean tensor broadcastable to (B, H, T_q, T_k) with True = may attend (CPU path, dense), a
 `polymodal.sequence.DocumentSpans` (CPU path for causal packed rows: one causal call per
 document), or a FlexAttention `BlockMask` built by `polymodal.sequence` (CUDA path, sparse
-blocks skipped). Unmasked float32 CPU calls over at most 512 tokens run the fused kernel of
+blocks skipped). Unmasked float32 CPU calls over at most 256 tokens run the fused kernel of
 `polymodal.kernels.attention` instead of the SDPA flash kernel; without the kernels, unmasked CPU
 training over at most 128 tokens runs `short_attention` (both keep the probabilities for the
 backward).

@@ -57,15 +57,12 @@ void check_weights(const torch::Tensor& x, const torch::Tensor& w1, const c10::o
   check_bias(b2, w2.size(0), "b2");
 }
 
-// row[i] += bias[i] for one row of n.
-void add_row(float* row, const float* bias, int64_t n) {
+// row[i] += other[i] for one row of n (a bias added, or a row summed into a gradient).
+void add_row(float* row, const float* other, int64_t n) {
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) (Vec::loadu(row + i) + Vec::loadu(bias + i)).store(row + i);
-  for (; i < n; ++i) row[i] += bias[i];
+  for (; i + kLanes <= n; i += kLanes) (Vec::loadu(row + i) + Vec::loadu(other + i)).store(row + i);
+  for (; i < n; ++i) row[i] += other[i];
 }
-
-// acc[i] += row[i] for one row of n.
-void accumulate_row(float* acc, const float* row, int64_t n) { add_row(acc, row, n); }
 
 // Row chunks for the gradient sums: a fixed split of [0, rows) into one range per thread.
 int64_t chunk_count(int64_t rows) { return std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads())); }
@@ -155,8 +152,8 @@ std::vector<torch::Tensor> mlp_gelu_backward(const torch::Tensor& grad_y, const 
             gr[i] = gelu_scalar(hr[i]);
             ghr[i] *= gelu_grad_scalar(hr[i]);
           }
-          accumulate_row(gb1, ghr, hidden);
-          accumulate_row(gb2, gyb + r * out_dim, out_dim);
+          add_row(gb1, ghr, hidden);
+          add_row(gb2, gyb + r * out_dim, out_dim);
         }
         gemm(true, false, out_dim, hidden, n, 1.0f, gyb, out_dim, g.data(), hidden, 1.0f, gw2, hidden);
         gemm(true, false, hidden, d, n, 1.0f, gh.data(), hidden, xb, d, 1.0f, gw1, d);

@@ -1,8 +1,8 @@
-"""Element-wise pieces of adaLN transformer blocks and short unmasked attention, fused on CPU,
-plain PyTorch elsewhere.
+"""Element-wise pieces of adaLN transformer blocks, the tanh-GELU MLP and short unmasked attention,
+fused on CPU, plain PyTorch elsewhere.
 
 Each function computes the same maths on every path. The fused path (float32 CPU tensors, the
-kernels built, not under torch.compile) calls `fused_cpu.cpp` through an autograd function that
+kernels built, not under torch.compile) calls the C++ kernels through an autograd function that
 saves only what its backward kernel reads. Under torch.compile the plain path is traced so
 inductor fuses it; tanh-GELU is then written through the sigmoid identity, which inductor
 vectorises with exp rather than the slower tanh.
@@ -110,12 +110,20 @@ MAX_ATTENTION_TOKENS = 256
 # Below this many scores (B * H * T * S) a call is so small that the autograd function's Python
 # overhead (tens of microseconds) outweighs the gain, and SDPA keeps it.
 MIN_ATTENTION_SCORES = 16384
+# Training keeps the probabilities, 4 bytes a score, where SDPA keeps one statistic per row: past
+# this many scores per call (128 MiB; a DiT at 256 tokens and batch 32 holds 6.3M) SDPA keeps the
+# call, so large batches do not pay gigabytes of activations for a ~15% faster attention.
+MAX_KEPT_SCORES = 2 ** 25
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def fused_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """True when `attention` runs the fused kernel: float32 CPU tensors, at most MAX_ATTENTION_TOKENS
-    queries and keys, at least MIN_ATTENTION_SCORES scores, outside autocast and torch.compile, and
-    the kernels at hand."""
+    queries and keys, between MIN_ATTENTION_SCORES and (in training) MAX_KEPT_SCORES scores,
+    outside autocast and torch.compile, and the kernels at hand."""
     # Under autocast SDPA runs the matmuls in bf16 and its backward takes the bf16/float32 mix.
     if torch.is_autocast_enabled("cpu") or not _fused(q, k, v):
         return False
@@ -123,7 +131,10 @@ def fused_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     keys = k.shape[-2]
     if not (queries <= MAX_ATTENTION_TOKENS and keys <= MAX_ATTENTION_TOKENS):
         return False
-    return math.prod(rows) * queries * keys >= MIN_ATTENTION_SCORES and fused_cpu().attention_available()
+    scores = math.prod(rows) * queries * keys
+    if scores < MIN_ATTENTION_SCORES or (scores > MAX_KEPT_SCORES and _needs_grad(q, k, v)):
+        return False
+    return fused_cpu().attention_available()
 
 
 class _Attention(torch.autograd.Function):
@@ -158,7 +169,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if _needs_grad(q, k, v):
         return _Attention.apply(q, k, v, scale)
     return fused_cpu().attention_forward(q, k, v, scale, False)[0]
 
@@ -194,7 +205,7 @@ def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: tor
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         w1, w2 = w1.contiguous(), w2.contiguous()
         b1, b2 = (None if b is None else b.contiguous() for b in (b1, b2))
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (flat, w1, w2, *biases)):
+        if _needs_grad(flat, w1, w2, *biases):
             y = _GeluMLP.apply(flat, w1, b1, w2, b2)
         else:  # inference: fc1's output never leaves the cache
             y = fused_cpu().mlp_gelu_forward(flat, w1, b1, w2, b2, False)[0]

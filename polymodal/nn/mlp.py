@@ -44,7 +44,11 @@ class SwiGLU(nn.Module):
 
 
 class GeluMLP(nn.Module):
-    """fc2(act(fc1(x))) with a GELU-family activation. x (..., D) -> (..., D_out or D)."""
+    """fc2(act(fc1(x))) with a GELU-family activation. x (..., D) -> (..., D_out or D).
+
+    With tanh-GELU and plain, unhooked layers the whole MLP runs as `polymodal.kernels.gelu_mlp`
+    (one fused pass per block of rows on CPU).
+    """
 
     def __init__(self, dim: int, hidden: int, act: str = "gelu", bias: bool = True, out_dim: int | None = None):
         super().__init__()

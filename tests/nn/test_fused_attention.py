@@ -99,9 +99,16 @@ def test_attend_uses_the_fused_kernel_for_unmasked_float32_cpu_calls(monkeypatch
     with plain_pytorch():
         attend(q, q, q)
     assert len(calls) == 2 * expect
-    monkeypatch.setattr(ops, "MIN_ATTENTION_SCORES", 2 * MAX_ATTENTION_TOKENS ** 2 + 1)
-    attend(q, q, q)  # too small a call: SDPA
+    monkeypatch.setattr(ops, "MAX_KEPT_SCORES", 2 * MAX_ATTENTION_TOKENS ** 2 - 1)
+    attend(q, q, q)  # training would keep too many probabilities: SDPA
     assert len(calls) == 2 * expect
+    with torch.no_grad():
+        attend(q, q, q)  # inference keeps none
+    assert len(calls) == 3 * expect
+    monkeypatch.setattr(ops, "MIN_ATTENTION_SCORES", 2 * MAX_ATTENTION_TOKENS ** 2 + 1)
+    with torch.no_grad():
+        attend(q, q, q)  # too small a call: SDPA
+    assert len(calls) == 3 * expect
 
 
 def test_attention_module_trains_the_same_on_the_fused_and_plain_paths():

@@ -7,9 +7,9 @@
 // gradient done on the tile while it is in cache. Training keeps the probabilities for the
 // backward, which then needs no QK^T product again.
 //
-// Inputs are float32 CPU tensors q (B, H, T, D), k (B, H, S, D), v (B, H, S, Dv) of any strides
-// with a unit stride on the last dimension (views of one fused q/k/v projection are taken as
-// they are). Outputs and input gradients are laid out (B, T, H, D) and returned as (B, H, T, D)
+// Inputs are float32 CPU tensors q (B, H, T, D), k (B, H, S, D), v (B, H, S, Dv) with a unit
+// stride on the last dimension and rows that do not overlap, any batch and head strides (views of
+// one fused q/k/v projection are taken as they are). Outputs and input gradients are laid out (B, T, H, D) and returned as (B, H, T, D)
 // views, the layout the output projection reads without a copy.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -76,7 +76,16 @@ void check_operand(const torch::Tensor& t, const char* name) {
               "polymodal attention_cpu: ", name, " must be a 4-D float32 CPU tensor (B, H, L, D)");
   TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, "polymodal attention_cpu: ", name,
               " must have a unit stride on its last dimension");
+  // BLAS reads each head as a matrix of L rows: they must not overlap (an expanded view would).
+  TORCH_CHECK(t.size(2) <= 1 || t.stride(2) >= t.size(3), "polymodal attention_cpu: ", name,
+              " rows overlap (row stride ", t.stride(2), " < ", t.size(3), "); pass a contiguous copy");
   TORCH_CHECK(t.stride(2) <= std::numeric_limits<int>::max(), "polymodal attention_cpu: ", name, " rows are too far apart");
+}
+
+// The BLAS leading dimension of a (B, H, L, D) tensor's heads: its row stride, or D for one row
+// (whose stride PyTorch leaves arbitrary, while BLAS wants at least the row length).
+int rows_apart(const torch::Tensor& t) {
+  return static_cast<int>(t.size(2) <= 1 ? std::max<int64_t>(1, t.size(3)) : t.stride(2));
 }
 
 void check_operands(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
@@ -121,10 +130,10 @@ std::vector<torch::Tensor> attention_forward(const torch::Tensor& q, const torch
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
       float* p = keep_probs ? probs.data_ptr<float>() + bh * t_len * s_len : scratch.data();
-      gemm(false, true, t, s, d, static_cast<float>(scale), head(q, b, h), q.stride(2), head(k, b, h), k.stride(2),
+      gemm(false, true, t, s, d, static_cast<float>(scale), head(q, b, h), rows_apart(q), head(k, b, h), rows_apart(k),
            0.0f, p, s);
       for (int64_t row = 0; row < t_len; ++row) softmax_row(p + row * s_len, s_len);
-      gemm(false, false, t, dv, s, 1.0f, p, s, head(v, b, h), v.stride(2), 0.0f, head_mut(out, b, h), out.stride(2));
+      gemm(false, false, t, dv, s, 1.0f, p, s, head(v, b, h), rows_apart(v), 0.0f, head_mut(out, b, h), rows_apart(out));
     }
   });
   return {out, probs};
@@ -154,16 +163,16 @@ std::vector<torch::Tensor> attention_backward(const torch::Tensor& grad, const t
       const int64_t b = bh / heads, h = bh % heads;
       const float* p = probs.data_ptr<float>() + bh * t_len * s_len;
       const float *g = head(grad, b, h), *o = head(out, b, h);
-      gemm(true, false, s, dv, t, 1.0f, p, s, g, grad.stride(2), 0.0f, head_mut(grad_v, b, h), grad_v.stride(2));
-      gemm(false, true, t, s, dv, 1.0f, g, grad.stride(2), head(v, b, h), v.stride(2), 0.0f, dp.data(), s);
+      gemm(true, false, s, dv, t, 1.0f, p, s, g, rows_apart(grad), 0.0f, head_mut(grad_v, b, h), rows_apart(grad_v));
+      gemm(false, true, t, s, dv, 1.0f, g, rows_apart(grad), head(v, b, h), rows_apart(v), 0.0f, dp.data(), s);
       for (int64_t row = 0; row < t_len; ++row) {
-        softmax_grad_row(dp.data() + row * s_len, p + row * s_len, g + row * grad.stride(2), o + row * out.stride(2),
-                         s_len, dv, fscale);
+        softmax_grad_row(dp.data() + row * s_len, p + row * s_len, g + row * rows_apart(grad),
+                         o + row * rows_apart(out), s_len, dv, fscale);
       }
-      gemm(false, false, t, d, s, 1.0f, dp.data(), s, head(k, b, h), k.stride(2), 0.0f, head_mut(grad_q, b, h),
-           grad_q.stride(2));
-      gemm(true, false, s, d, t, 1.0f, dp.data(), s, head(q, b, h), q.stride(2), 0.0f, head_mut(grad_k, b, h),
-           grad_k.stride(2));
+      gemm(false, false, t, d, s, 1.0f, dp.data(), s, head(k, b, h), rows_apart(k), 0.0f, head_mut(grad_q, b, h),
+           rows_apart(grad_q));
+      gemm(true, false, s, d, t, 1.0f, dp.data(), s, head(q, b, h), rows_apart(q), 0.0f, head_mut(grad_k, b, h),
+           rows_apart(grad_k));
     }
   });
   return {grad_q, grad_k, grad_v};

@@ -64,8 +64,17 @@ void add_row(float* row, const float* other, int64_t n) {
   for (; i < n; ++i) row[i] += other[i];
 }
 
-// Row chunks for the gradient sums: a fixed split of [0, rows) into one range per thread.
-int64_t chunk_count(int64_t rows) { return std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads())); }
+// Per-chunk gradient sums may take this much memory in all (a wide MLP on many threads would
+// otherwise hold threads x its weights).
+constexpr int64_t kPartialBudgetBytes = int64_t{64} << 20;
+
+// Row chunks for the gradient sums: a fixed split of [0, rows) into one range per thread, fewer
+// when the rows make fewer blocks or the chunks' sums (floats_per_chunk each) would pass the budget.
+int64_t chunk_count(int64_t rows, int64_t floats_per_chunk) {
+  const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
+  const int64_t affordable = kPartialBudgetBytes / std::max<int64_t>(1, 4 * floats_per_chunk);
+  return std::max<int64_t>(1, std::min({blocks, affordable, static_cast<int64_t>(at::get_num_threads())}));
+}
 
 }  // namespace
 
@@ -119,9 +128,9 @@ std::vector<torch::Tensor> mlp_gelu_backward(const torch::Tensor& grad_y, const 
   TORCH_CHECK(grad_y.size(0) == rows && grad_y.size(1) == out_dim && h.size(0) == rows && h.size(1) == hidden,
               "polymodal mlp_cpu: grad_y must be (R, O) and h (R, H), got ", grad_y.sizes(), " and ", h.sizes());
   auto grad_x = torch::empty_like(x);
-  const int64_t chunks = chunk_count(rows);
   // Per chunk: grad_w1 (H x D), grad_w2 (O x H), grad_b1 (H), grad_b2 (O), summed after the loop.
   const int64_t per_chunk = hidden * d + out_dim * hidden + hidden + out_dim;
+  const int64_t chunks = chunk_count(rows, per_chunk);
   auto partial = torch::zeros({chunks, per_chunk}, x.options());
   const float *gyp = grad_y.data_ptr<float>(), *xp = x.data_ptr<float>(), *hp = h.data_ptr<float>(),
               *w1p = w1.data_ptr<float>(), *w2p = w2.data_ptr<float>();

@@ -17,16 +17,22 @@ from torch.autograd.function import once_differentiable
 
 from polymodal.kernels.loader import fused_cpu, kernels
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 # gelu_tanh(x) = 0.5 x (1 + tanh(u)) = x sigmoid(2u), 2u = x (_LINEAR + _CUBIC x^2) (Hendrycks & Gimpel 2016).
 _LINEAR = 2.0 * math.sqrt(2.0 / math.pi)
 _CUBIC = 0.044715 * _LINEAR
 
 
 def _fused(*tensors: torch.Tensor) -> bool:
-    """True when every tensor is float32 on the CPU, we run eagerly and the kernels are at hand."""
+    """True when every tensor is a plain float32 CPU tensor, we run eagerly and the kernels are at hand.
+
+    Plain: not a subclass (DTensor and the like) nor wrapped by torch.func (vmap, grad), whose
+    data the kernels cannot read directly.
+    """
     if torch.compiler.is_compiling():
         return False
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+    if not all(type(t) in _PLAIN_TENSOR_TYPES and t.device.type == "cpu" and t.dtype == torch.float32
+               and not torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
         return False
     return kernels() is not None
 
@@ -121,12 +127,15 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 
 
 def fused_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """True when `attention` runs the fused kernel: float32 CPU tensors, at most MAX_ATTENTION_TOKENS
-    queries and keys, between MIN_ATTENTION_SCORES and (in training) MAX_KEPT_SCORES scores,
-    outside autocast and torch.compile, and the kernels at hand."""
+    """True when `attention` runs the fused kernel: 4-D float32 CPU tensors with the same batch and
+    heads, at most MAX_ATTENTION_TOKENS queries and keys, between MIN_ATTENTION_SCORES and (in
+    training) MAX_KEPT_SCORES scores, outside autocast and torch.compile, and the kernels at hand."""
     # Under autocast SDPA runs the matmuls in bf16 and its backward takes the bf16/float32 mix.
     if torch.is_autocast_enabled("cpu") or not _fused(q, k, v):
         return False
+    if not (q.dim() == k.dim() == v.dim() == 4 and q.shape[:2] == k.shape[:2] == v.shape[:2]
+            and k.shape[2] == v.shape[2] and q.shape[3] == k.shape[3] > 0 and v.shape[3] > 0):
+        return False  # broadcast batches, grouped heads, other ranks: SDPA's own rules
     *rows, queries, _ = q.shape
     keys = k.shape[-2]
     if not (queries <= MAX_ATTENTION_TOKENS and keys <= MAX_ATTENTION_TOKENS):
@@ -149,12 +158,16 @@ class _Attention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         q, k, v, out, probs = ctx.saved_tensors
-        grads = fused_cpu().attention_backward(_unit_last_stride(grad), q, k, v, out, probs, ctx.scale)
+        grads = fused_cpu().attention_backward(_blas_rows(grad), q, k, v, out, probs, ctx.scale)
         return *grads, None
 
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _blas_rows(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy unless its rows are BLAS operands as they are: a unit stride along a
+    row and rows at least a row apart (an expanded gradient has a row stride of 0)."""
+    if t.stride(-1) == 1 and (t.shape[-2] <= 1 or t.stride(-2) >= t.shape[-1]):
+        return t
+    return t.contiguous()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -168,7 +181,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     if not fused_attention_applies(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    q, k, v = _blas_rows(q), _blas_rows(k), _blas_rows(v)
     if _needs_grad(q, k, v):
         return _Attention.apply(q, k, v, scale)
     return fused_cpu().attention_forward(q, k, v, scale, False)[0]
@@ -201,7 +214,9 @@ def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: tor
     backward (`mlp_cpu.cpp`); elsewhere the two layers and the activation run one after another.
     """
     biases = [b for b in (b1, b2) if b is not None]
-    if _fused(x, w1, w2, *biases) and fused_cpu().mlp_available():
+    # Under autocast the layers run in bf16 (F.linear's autocast rule), which the kernel does not.
+    if (_fused(x, w1, w2, *biases) and not torch.is_autocast_enabled("cpu") and min(w1.shape + w2.shape) > 0
+            and fused_cpu().mlp_available()):
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         w1, w2 = w1.contiguous(), w2.contiguous()
         b1, b2 = (None if b is None else b.contiguous() for b in (b1, b2))

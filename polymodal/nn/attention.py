@@ -4,10 +4,11 @@ A mask reaching `attend` is one of: None (every query sees every key), the strin
 a boolean tensor broadcastable to (B, H, T_q, T_k) with True = may attend (CPU path, dense), a
 `polymodal.sequence.DocumentSpans` (CPU path for causal packed rows: one causal call per
 document), or a FlexAttention `BlockMask` built by `polymodal.sequence` (CUDA path, sparse
-blocks skipped). Unmasked float32 CPU calls over at most 256 tokens run the fused kernel of
-`polymodal.kernels.attention` instead of the SDPA flash kernel; without the kernels, unmasked CPU
-training over at most 128 tokens runs `short_attention` (both keep the probabilities for the
-backward).
+blocks skipped). Unmasked, non-GQA float32 CPU calls that `fused_attention_applies` accepts (at
+most 256 tokens; between 16K scores and, in training, 32M) run the fused kernel of
+`polymodal.kernels.attention` instead of the SDPA flash kernel. Unmasked CPU training calls it
+declines, or all of them without the kernels, over at most 128 tokens run `short_attention`; both
+keep the probabilities for the backward.
 """
 from __future__ import annotations
 

@@ -12,21 +12,26 @@ there is nothing to save.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.autograd.function import once_differentiable
+
+from polymodal.kernels import ops
 
 MAX_SHORT_TOKENS = 128
 
 
 def use_short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """True for an unmasked float32 CPU call with gradients, outside autocast and torch.compile, and
-    at most MAX_SHORT_TOKENS queries and keys."""
+    """True for an unmasked float32 CPU call with gradients, outside autocast and torch.compile, at
+    most MAX_SHORT_TOKENS queries and keys, and at most MAX_KEPT_SCORES probabilities to keep."""
     # Under autocast the matmuls here would run in bf16 while the backward (outside autocast)
     # meets float32 inputs: SDPA handles that mix, so it keeps those calls.
     return (q.device.type == "cpu" and all(t.dtype == torch.float32 for t in (q, k, v))
             and not torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
             and (q.requires_grad or k.requires_grad or v.requires_grad)
-            and max(q.shape[-2], k.shape[-2]) <= MAX_SHORT_TOKENS and not torch.compiler.is_compiling())
+            and max(q.shape[-2], k.shape[-2]) <= MAX_SHORT_TOKENS
+            and math.prod(q.shape[:-1]) * k.shape[-2] <= ops.MAX_KEPT_SCORES and not torch.compiler.is_compiling())
 
 
 class _ShortAttention(torch.autograd.Function):

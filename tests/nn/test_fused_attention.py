@@ -141,3 +141,31 @@ def test_the_attention_kernel_refuses_bad_operands_by_name():
         kernels.attention_forward(q, q, torch.randn(1, 2, 8, 4).transpose(-1, -2), 1.0, False)
     with pytest.raises(RuntimeError, match="q must be a 4-D float32 CPU tensor"):
         kernels.attention_forward(q.double(), q, q, 1.0, False)
+
+
+def test_fused_attention_takes_expanded_operands_and_gradients():
+    # An expanded gradient (row stride 0), keys and values broadcast over positions, and one query
+    # whose row stride PyTorch leaves arbitrary: BLAS must still get rows that do not overlap.
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 6, 8)
+    k = torch.randn(2, 3, 1, 8).expand(2, 3, 5, 8)
+    v = torch.randn(2, 3, 5, 8)
+    weights = torch.randn(2, 3, 8)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    (attention(*leaves).sum(dim=-2) * weights).sum().backward()  # the kernel's grad: weights expanded over rows
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    (F.scaled_dot_product_attention(*ref).sum(dim=-2) * weights.double()).sum().backward()
+    for got, want in zip(leaves, ref):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-5)
+    one = torch.randn(2, 3, 8, 1).transpose(-1, -2)  # (2, 3, 1, 8): unit last stride, row stride 1
+    torch.testing.assert_close(attention(one, k, v).double(), F.scaled_dot_product_attention(
+        one.double(), k.double(), v.double()), rtol=1e-5, atol=1e-6)
+
+
+def test_other_shapes_fall_back_to_sdpa():
+    q = torch.randn(2, 3, 6, 8)
+    assert not fused_attention_applies(q[0], q[0], q[0])  # 3-D
+    assert not fused_attention_applies(q, q[:1].expand(2, 3, 6, 8)[:, :1], q[:, :1])  # grouped heads
+    assert not fused_attention_applies(q, q[:1], q[:1])  # a broadcast batch
+    torch.testing.assert_close(attention(q, q[:1], q[:1]), F.scaled_dot_product_attention(q, q[:1], q[:1]))
+    assert not fused_attention_applies(q[..., :0], q[..., :0], q)  # no head size

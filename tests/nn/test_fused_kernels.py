@@ -93,6 +93,26 @@ def test_gelu_mlp_module_keeps_the_hooks_of_its_layers():
     mlp.fc2.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     torch.testing.assert_close(mlp(x), fused, rtol=1e-5, atol=1e-6)
     assert seen == [(2, 3, 8)]  # with a hooked layer the MLP runs layer by layer
+    fresh = GeluMLP(8, 24, act="gelu_tanh")
+    grads = []
+    fresh.fc1.register_full_backward_hook(lambda module, grad_in, grad_out: grads.append(grad_out[0].shape))
+    fresh(x.requires_grad_()).sum().backward()
+    assert grads == [(2, 3, 24)]  # a backward hook sees its layer's gradient
+    seen.clear()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(type(module)))
+    try:
+        GeluMLP(8, 24, act="gelu_tanh")(x)
+    finally:
+        handle.remove()
+    assert seen.count(torch.nn.Linear) == 2  # a global hook sees both layers
+
+
+def test_gelu_mlp_follows_autocast_and_degenerate_widths():
+    x, w1, b1, w2, b2 = torch.randn(4, 8), torch.randn(16, 8), torch.randn(16), torch.randn(8, 16), torch.randn(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gelu_mlp(x, w1, b1, w2, b2).dtype == torch.bfloat16  # as the two layers under autocast
+    empty_hidden = gelu_mlp(x, torch.randn(0, 8), torch.randn(0), torch.randn(8, 0), b2)
+    torch.testing.assert_close(empty_hidden, b2.expand(4, 8))
 
 
 def test_gelu_tanh_propagates_nan():

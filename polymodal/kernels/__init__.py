@@ -10,7 +10,7 @@ tanh-GELU MLP and short attention.
                        activations in cache; only fc1's output kept for the backward
     attention_cpu.cpp  unmasked attention over at most a few hundred tokens, one head's score
                        tile at a time, probabilities kept for the backward
-    cpu_blas.h, gelu_math.h  the row-major sgemm wrapper and the GELU maths they share
+    cpu_blas.h, vec_math.h  the row-major sgemm wrapper; the lane sum, row chunks and GELU maths
     ops.py             `gelu_tanh`, `gelu_mlp`, `adaln_modulate`, `gated_residual`, `attention`:
                        autograd functions over the kernels for float32 CPU tensors, the same maths
                        in plain PyTorch elsewhere (CUDA, other dtypes, under torch.compile, or

@@ -21,15 +21,15 @@
 #include <vector>
 
 #include "cpu_blas.h"
+#include "vec_math.h"
 
 namespace polymodal_attention {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
 using polymodal_blas::gemm;
+using polymodal_vec::sum_lanes;
 constexpr int64_t kLanes = Vec::size();
-
-float sum_lanes(const Vec& v) { return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v); }
 
 // Softmax of one row of n scores, in place.
 void softmax_row(float* row, int64_t n) {
@@ -177,7 +177,5 @@ std::vector<torch::Tensor> attention_backward(const torch::Tensor& grad, const t
   });
   return {grad_q, grad_k, grad_v};
 }
-
-bool attention_available() { return polymodal_blas::blas_available(); }
 
 }  // namespace polymodal_attention

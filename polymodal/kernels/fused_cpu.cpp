@@ -21,12 +21,13 @@
 #include <cmath>
 #include <vector>
 
-#include "gelu_math.h"
+#include "cpu_blas.h"
+#include "vec_math.h"
 
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
-using namespace polymodal_gelu;
+using namespace polymodal_vec;
 constexpr int64_t kLanes = Vec::size();
 constexpr int64_t kElementGrain = 32768;
 
@@ -41,13 +42,6 @@ void check_rows(const torch::Tensor& x, const torch::Tensor& rows, const char* n
   TORCH_CHECK(rows.dim() == 2 && rows.size(0) == x.size(0) && rows.size(1) == x.size(2),
               "polymodal fused_cpu: ", name, " must be (B, D) = (", x.size(0), ", ", x.size(2), "), got ", rows.sizes());
 }
-
-float sum_lanes(const Vec& v) {
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
-}
-
-// Row chunks for reductions: a fixed split of [0, rows) into `chunks` ranges.
-int64_t chunk_count(int64_t rows) { return std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads())); }
 
 torch::Tensor gelu_tanh_forward(const torch::Tensor& x) {
   check_input(x, "x");
@@ -140,7 +134,7 @@ std::vector<torch::Tensor> adaln_backward(const torch::Tensor& grad, const torch
   TORCH_CHECK(grad.sizes() == x.sizes() && mean.numel() == x.size(0) * x.size(1) && rstd.numel() == mean.numel(),
               "polymodal fused_cpu: adaln_backward got mismatched grad, mean or rstd");
   const int64_t b = x.size(0), n = x.size(1), d = x.size(2), rows = b * n;
-  const int64_t chunks = chunk_count(rows);
+  const int64_t chunks = row_chunks(rows);
   auto gx = torch::empty_like(x);
   auto partial = torch::zeros({chunks, 2, b, d}, x.options());  // per chunk: grad_shift, grad_scale
   const float *gp = grad.data_ptr<float>(), *xp = x.data_ptr<float>(), *mp = mean.data_ptr<float>(),
@@ -205,7 +199,7 @@ std::vector<torch::Tensor> gated_residual_backward(const torch::Tensor& grad, co
   check_rows(y, gate, "gate");
   TORCH_CHECK(grad.sizes() == y.sizes(), "polymodal fused_cpu: grad must match y, got ", grad.sizes());
   const int64_t b = y.size(0), n = y.size(1), d = y.size(2), rows = b * n;
-  const int64_t chunks = chunk_count(rows);
+  const int64_t chunks = row_chunks(rows);
   auto gy = torch::empty_like(y);
   auto partial = torch::zeros({chunks, b, d}, y.options());
   const float *gp = grad.data_ptr<float>(), *yp = y.data_ptr<float>(), *gtp = gate.data_ptr<float>();
@@ -241,7 +235,6 @@ std::vector<torch::Tensor> attention_forward(const torch::Tensor& q, const torch
 std::vector<torch::Tensor> attention_backward(const torch::Tensor& grad, const torch::Tensor& q, const torch::Tensor& k,
                                               const torch::Tensor& v, const torch::Tensor& out,
                                               const torch::Tensor& probs, double scale);
-bool attention_available();
 }  // namespace polymodal_attention
 
 // mlp_cpu.cpp, compiled into the same module.
@@ -253,7 +246,6 @@ std::vector<torch::Tensor> mlp_gelu_backward(const torch::Tensor& grad_y, const 
                                              const torch::Tensor& h, const torch::Tensor& w1,
                                              const c10::optional<torch::Tensor>& b1, const torch::Tensor& w2,
                                              const c10::optional<torch::Tensor>& b2);
-bool mlp_available();
 }  // namespace polymodal_mlp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -266,10 +258,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "softmax(q k^T scale) v (q, k, v, scale, keep_probs) -> (out, probs)");
   m.def("attention_backward", &polymodal_attention::attention_backward,
         "(grad, q, k, v, out, probs, scale) -> (grad_q, grad_k, grad_v)");
-  m.def("attention_available", &polymodal_attention::attention_available, "whether torch's BLAS exports sgemm_");
   m.def("mlp_gelu_forward", &polymodal_mlp::mlp_gelu_forward,
         "fc2(gelu_tanh(fc1(x))) (x, w1, b1 | None, w2, b2 | None, keep_hidden) -> (y, h = fc1(x) | empty)");
   m.def("mlp_gelu_backward", &polymodal_mlp::mlp_gelu_backward,
         "(grad_y, x, h, w1, b1, w2, b2) -> (grad_x, grad_w1, grad_b1, grad_w2, grad_b2)");
-  m.def("mlp_available", &polymodal_mlp::mlp_available, "whether torch's BLAS exports sgemm_");
+  m.def("blas_available", &polymodal_blas::blas_available, "whether torch's BLAS exports sgemm_ (attention, MLP)");
 }

@@ -26,7 +26,7 @@ import torch
 
 # One extension module: fused_cpu.cpp holds the bindings of every file; the headers are shared.
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("fused_cpu.cpp", "attention_cpu.cpp", "mlp_cpu.cpp", "cpu_blas.h", "gelu_math.h")]
+           for name in ("fused_cpu.cpp", "attention_cpu.cpp", "mlp_cpu.cpp", "cpu_blas.h", "vec_math.h")]
 log = logging.getLogger("polymodal.kernels")
 # The kernels use at::vec at eight float lanes; AVX-512 machines run AVX2 code too.
 SUPPORTED_CAPABILITIES = ("AVX2", "AVX512")

@@ -20,14 +20,14 @@
 #include <vector>
 
 #include "cpu_blas.h"
-#include "gelu_math.h"
+#include "vec_math.h"
 
 namespace polymodal_mlp {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
 using polymodal_blas::gemm;
-using namespace polymodal_gelu;
+using namespace polymodal_vec;
 constexpr int64_t kLanes = Vec::size();
 // Rows per block: a block's hidden activations (128 x 768 floats for a DiT-S MLP) stay in L2/L3.
 constexpr int64_t kBlockRows = 128;
@@ -68,12 +68,11 @@ void add_row(float* row, const float* other, int64_t n) {
 // otherwise hold threads x its weights).
 constexpr int64_t kPartialBudgetBytes = int64_t{64} << 20;
 
-// Row chunks for the gradient sums: a fixed split of [0, rows) into one range per thread, fewer
-// when the rows make fewer blocks or the chunks' sums (floats_per_chunk each) would pass the budget.
+// Row chunks for the gradient sums: one per thread (`row_chunks`), fewer when the rows make fewer
+// blocks or the chunks' sums (floats_per_chunk each) would pass the budget.
 int64_t chunk_count(int64_t rows, int64_t floats_per_chunk) {
-  const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
   const int64_t affordable = kPartialBudgetBytes / std::max<int64_t>(1, 4 * floats_per_chunk);
-  return std::max<int64_t>(1, std::min({blocks, affordable, static_cast<int64_t>(at::get_num_threads())}));
+  return std::max<int64_t>(1, std::min(row_chunks((rows + kBlockRows - 1) / kBlockRows), affordable));
 }
 
 }  // namespace
@@ -178,7 +177,5 @@ std::vector<torch::Tensor> mlp_gelu_backward(const torch::Tensor& grad_y, const 
   auto grad_b2 = b2 ? sums.narrow(0, hidden * d + out_dim * hidden + hidden, out_dim) : empty;
   return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2};
 }
-
-bool mlp_available() { return polymodal_blas::blas_available(); }
 
 }  // namespace polymodal_mlp

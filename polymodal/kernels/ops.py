@@ -143,7 +143,7 @@ def fused_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     scores = math.prod(rows) * queries * keys
     if scores < MIN_ATTENTION_SCORES or (scores > MAX_KEPT_SCORES and _needs_grad(q, k, v)):
         return False
-    return fused_cpu().attention_available()
+    return fused_cpu().blas_available()
 
 
 class _Attention(torch.autograd.Function):
@@ -180,6 +180,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     """
     if not fused_attention_applies(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return fused_attention(q, k, v, scale)
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """`attention`'s fused path, for a caller that has already checked `fused_attention_applies`."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = _blas_rows(q), _blas_rows(k), _blas_rows(v)
     if _needs_grad(q, k, v):
@@ -216,7 +221,7 @@ def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: tor
     biases = [b for b in (b1, b2) if b is not None]
     # Under autocast the layers run in bf16 (F.linear's autocast rule), which the kernel does not.
     if (_fused(x, w1, w2, *biases) and not torch.is_autocast_enabled("cpu") and min(w1.shape + w2.shape) > 0
-            and fused_cpu().mlp_available()):
+            and fused_cpu().blas_available()):
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         w1, w2 = w1.contiguous(), w2.contiguous()
         b1, b2 = (None if b is None else b.contiguous() for b in (b1, b2))

@@ -16,8 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from polymodal.kernels import attention as fused_attention
-from polymodal.kernels import fused_attention_applies
+from polymodal.kernels.ops import fused_attention, fused_attention_applies
 from polymodal.nn.kv_cache import KVCache
 from polymodal.nn.linear import plain_linear
 from polymodal.nn.norms import HeadLayerNorm
